@@ -1,0 +1,120 @@
+"""Chunked cross-entropy through the unembedding, recomputed in backward.
+
+An auxiliary head's logits are as large as the model's: (B, T, V) floats, 1 GiB in fp32 for a
+batch of 4 x 512 tokens at a 128k vocabulary. Stacking n heads' logits multiplies that by n, and
+even one (B, T, V) tensor per head stays alive until backward. This module never builds one:
+
+1. only positions with a valid target are kept, (N, H) with N <= B*T (prompt tokens are usually
+   masked with -100 in supervised fine-tuning, so this alone skips much of the work);
+2. those rows are projected to the vocabulary `chunk_size` at a time, upcast to fp32, and reduced to
+   a loss sum and a correct-prediction count right away;
+3. each chunk runs under activation checkpointing, so its logits are freed after the forward and
+   rebuilt one chunk at a time in backward.
+
+Extra memory is therefore O(chunk_size x V) instead of O(B x T x V), for the same loss and gradients
+as the naive computation, at the price of one more projection per chunk in backward.
+
+Example:
+    >>> hidden = torch.randn(2, 16, 8, requires_grad=True)
+    >>> unembedding = torch.nn.Linear(8, 50, bias=False)
+    >>> targets = torch.randint(0, 50, (2, 16))
+    >>> result = chunked_cross_entropy(hidden, targets, unembedding, chunk_size=8)
+    >>> result.mean_loss().backward()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class CrossEntropyResult:
+    """Sum of per-token losses (fp32, differentiable), correct top-1 count and valid-target count."""
+
+    loss_sum: torch.Tensor
+    num_correct: torch.Tensor
+    num_targets: torch.Tensor
+
+    def mean_loss(self) -> torch.Tensor:
+        """Mean over this head's own valid targets; 0 (still differentiable) when there are none."""
+        return self.loss_sum / self.num_targets.clamp(min=1)
+
+    def accuracy(self) -> torch.Tensor:
+        """Top-1 accuracy over valid targets; NaN when there are none."""
+        return self.num_correct.float() / self.num_targets.float()
+
+
+def _chunk_loss(
+    project: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = project(hidden).float()  # (C, V), upcast one chunk at a time
+    loss_sum = F.cross_entropy(logits, targets, reduction="sum")
+    num_correct = (logits.argmax(dim=-1) == targets).sum()
+    return loss_sum, num_correct
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    project: Callable[[torch.Tensor], torch.Tensor],
+    chunk_size: int = 1024,
+    ignore_index: int = IGNORE_INDEX,
+) -> CrossEntropyResult:
+    """Cross-entropy of `project(hidden)` against `targets` without materialising all logits.
+
+    Args:
+        hidden: (B, T, H) or (N, H) states that `project` maps to logits.
+        targets: (B, T) or (N,) token ids aligned with `hidden`; `ignore_index` marks no target.
+        project: maps (C, H) to (C, V) logits, e.g. an `nn.Linear` unembedding or a closure that
+            also applies a soft-cap. It must be deterministic, since it runs again in backward.
+        chunk_size: rows projected at once; peak extra memory is about chunk_size x V x 4 bytes.
+
+    Returns:
+        A `CrossEntropyResult` whose `loss_sum` carries gradients to `hidden` and to the parameters
+        used by `project`.
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])  # (B*T, H)
+    targets = targets.reshape(-1)  # (B*T,)
+    valid = targets != ignore_index
+    hidden = hidden[valid]  # (N, H)
+    targets = targets[valid]  # (N,)
+    num_targets = valid.sum()
+
+    loss_sum = hidden.new_zeros((), dtype=torch.float32)
+    num_correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+    if hidden.shape[0] == 0:
+        # Keep the graph connected so a backward through an empty head is a no-op, not an error.
+        return CrossEntropyResult(loss_sum + 0.0 * hidden.sum(), num_correct, num_targets)
+
+    recompute = torch.is_grad_enabled()
+    for start in range(0, hidden.shape[0], chunk_size):
+        hidden_chunk = hidden[start : start + chunk_size]
+        target_chunk = targets[start : start + chunk_size]
+        if recompute:
+            chunk_loss, chunk_correct = checkpoint(
+                _chunk_loss, project, hidden_chunk, target_chunk, use_reentrant=False
+            )
+        else:
+            chunk_loss, chunk_correct = _chunk_loss(project, hidden_chunk, target_chunk)
+        loss_sum = loss_sum + chunk_loss
+        num_correct = num_correct + chunk_correct
+    return CrossEntropyResult(loss_sum, num_correct, num_targets)
+
+
+def shift_targets(labels: torch.Tensor, offset: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Targets for a head predicting token t+offset: (B, T) labels -> (B, T) targets.
+
+    Position t gets `labels[t + offset]`; the last `offset` positions have no target. Keeping the
+    full length (instead of slicing the hidden states) avoids a copy of the (B, T, H) states.
+    """
+    targets = torch.full_like(labels, ignore_index)
+    if offset < labels.shape[1]:
+        targets[:, : labels.shape[1] - offset] = labels[:, offset:]
+    return targets
