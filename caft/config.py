@@ -32,7 +32,10 @@ class CAFTConfig:
 
     num_aux_heads: int = field(
         default=4,
-        metadata={"help": "Number of auxiliary heads; head k predicts token t+k for k = 2 .. n+1."},
+        metadata={
+            "help": "Number of auxiliary heads; head k predicts token t+k for k = 2 .. n+1. "
+            "0 attaches none (plain next-token training)."
+        },
     )
     head_type: str = field(
         default="transformer",
@@ -87,7 +90,7 @@ class CAFTConfig:
 
     def validate(self) -> None:
         """Raise `ValueError` naming the first invalid field and its accepted values."""
-        _check_int("num_aux_heads", self.num_aux_heads, minimum=1)
+        _check_int("num_aux_heads", self.num_aux_heads, minimum=0)
         _check_choice("head_type", self.head_type, HEAD_TYPES)
         _check_int("layers_per_head", self.layers_per_head, minimum=1)
         _check_choice("head_init", self.head_init, HEAD_INITS)
