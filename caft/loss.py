@@ -108,13 +108,24 @@ def chunked_cross_entropy(
     return CrossEntropyResult(loss_sum, num_correct, num_targets)
 
 
-def shift_targets(labels: torch.Tensor, offset: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def shift_targets(
+    labels: torch.Tensor,
+    offset: int,
+    attention_mask: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
     """Targets for a head predicting token t+offset: (B, T) labels -> (B, T) targets.
 
-    Position t gets `labels[t + offset]`; the last `offset` positions have no target. Keeping the
-    full length (instead of slicing the hidden states) avoids a copy of the (B, T, H) states.
+    Position t gets `labels[t + offset]`. The last `offset` positions get no target, and neither
+    does any position where `attention_mask` is 0, either at t (a padded position predicts nothing)
+    or at t+offset (padding is never a target). Keeping the full length (instead of slicing the
+    hidden states) avoids a copy of the (B, T, H) states.
     """
+    if attention_mask is not None:
+        labels = labels.masked_fill(attention_mask == 0, ignore_index)
     targets = torch.full_like(labels, ignore_index)
     if offset < labels.shape[1]:
         targets[:, : labels.shape[1] - offset] = labels[:, offset:]
+    if attention_mask is not None:
+        targets = targets.masked_fill(attention_mask == 0, ignore_index)
     return targets

@@ -163,13 +163,11 @@ class CAFTModel(nn.Module):
         counts = [torch.zeros((), dtype=torch.long, device=logits.device)] * num_heads
 
         if labels is not None:
-            if attention_mask is not None:
-                labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
             if mode == "heads":
                 with torch.no_grad():
-                    result = self._head_cross_entropy(calls[0].output, labels, offset=1)
+                    result = self._head_cross_entropy(calls[0].output, labels, attention_mask, offset=1)
             else:
-                result = _next_token_cross_entropy(logits, labels)
+                result = _next_token_cross_entropy(logits, labels, attention_mask)
             losses[0], accuracies[0], counts[0] = result.mean_loss(), result.accuracy(), result.num_targets
 
         aux_results: list[CrossEntropyResult] = []
@@ -180,7 +178,7 @@ class CAFTModel(nn.Module):
                 if head_logits is not None:
                     head_logits.append(self._project(hidden, head))
                 if labels is not None:
-                    result = self._head_cross_entropy(hidden, labels, offset=index + 2, head=head)
+                    result = self._head_cross_entropy(hidden, labels, attention_mask, offset=index + 2, head=head)
                     aux_results.append(result)
                     losses[index + 1] = result.mean_loss()
                     accuracies[index + 1] = result.accuracy().detach()
@@ -217,9 +215,14 @@ class CAFTModel(nn.Module):
         return apply_unembedding(self.model, self.parts, normalized, unembedding)
 
     def _head_cross_entropy(
-        self, hidden: torch.Tensor, labels: torch.Tensor, offset: int, head: nn.Module | None = None
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        offset: int,
+        head: nn.Module | None = None,
     ) -> CrossEntropyResult:
-        targets = shift_targets(labels, offset)  # (B, T)
+        targets = shift_targets(labels, offset, attention_mask)  # (B, T)
         # The final norm is cheap and (B, T, H)-sized, so it runs once outside the chunks; only the
         # vocabulary projection, the (B, T, V)-sized step, is chunked and recomputed.
         normalized = apply_final_norm(self.model, self.parts, hidden)
@@ -264,9 +267,15 @@ class CAFTModel(nn.Module):
         return self.model
 
 
-def _next_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> CrossEntropyResult:
-    """Next-token loss from the base model's own logits, the way transformers computes it."""
-    targets = labels[:, 1:]  # (B, T-1)
+def _next_token_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None
+) -> CrossEntropyResult:
+    """Next-token loss from the base model's own logits, as transformers computes it for right padding.
+
+    Unlike transformers' loss, a padded position never predicts the first real token (which
+    matters only with left padding).
+    """
+    targets = shift_targets(labels, 1, attention_mask)[:, :-1]  # (B, T-1)
     logits = logits[:, :-1].float()  # (B, T-1, V)
     valid = targets != IGNORE_INDEX
     loss_sum = nn.functional.cross_entropy(

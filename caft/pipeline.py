@@ -245,7 +245,7 @@ def training_arguments(config: FinetuneConfig, phase: str, learning_rate: float,
         or "none",
         seed=config.seed,
         remove_unused_columns=False,
-        gradient_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing=config.gradient_checkpointing,
         use_cpu=not torch.cuda.is_available(),
     )
     values.update(config.trainer)
