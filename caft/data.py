@@ -378,9 +378,14 @@ def encode_conversation(
     labels[i] equals input_ids[i] for tokens of assistant turns, end-of-turn tokens included, and
     IGNORE_INDEX elsewhere. `chat_template` is template text, as returned by resolve_chat_template.
     The whole conversation is rendered and tokenized once, without adding special tokens, because
-    chat templates write BOS themselves. An assistant turn that cannot be located reliably in that
-    rendering (see `_assistant_turn_span`) is left untrained and counted in `stats.turns_unsupervised`,
-    or logged as a warning when `stats` is None. `source` names the row in error messages.
+    chat templates write BOS themselves. `source` names the row in error messages.
+
+    Two problems are counted in `stats`, or logged as warnings when `stats` is None:
+
+    - turns_unsupervised: an assistant turn that cannot be located on token boundaries (see
+      `_assistant_turn_span`) is left untrained rather than risk labelling prompt tokens;
+    - turns_prompt_mismatch: a trained turn whose preceding text tokenizes differently on its own,
+      so encode_prompt for that point of the conversation does not return the training ids.
 
     Raises DataError when the template fails on this conversation or the tokenizer has no offsets.
     """
@@ -402,29 +407,50 @@ def encode_conversation(
 
     labels = [IGNORE_INDEX] * len(input_ids)
     unsupervised_turns = 0
+    mismatched_prompts = 0
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         span = _assistant_turn_span(tokenizer, messages, index, chat_template, full_text, source)
-        if span is None or _token_crosses_boundary(span, offsets):
+        positions = []
+        if span is not None and not _token_crosses_boundary(span, offsets):
+            positions = [
+                position
+                for position, (token_start, token_end) in enumerate(offsets)
+                if _token_inside_span(token_start, token_end, span)
+            ]
+        if not positions:
             logger.debug("%s: assistant message %d (0-based) is not trained", source, index)
             unsupervised_turns += 1
             continue
-        for position, (token_start, token_end) in enumerate(offsets):
-            if _token_inside_span(token_start, token_end, span):
-                labels[position] = input_ids[position]
+        for position in positions:
+            labels[position] = input_ids[position]
 
-    if unsupervised_turns:
-        if stats is not None:
-            stats.turns_unsupervised += unsupervised_turns
-        else:
+        # The text before the turn is the prompt the model gets at generation time. Pre-tokenizers
+        # can split it differently when nothing follows: GPT-2 makes one token of a final "\n\n" but
+        # two of "\n\n" before a word. The labels stay right, but generation sees unfamiliar ids.
+        prompt_ids = tokenizer(full_text[: span.start], add_special_tokens=False)["input_ids"]
+        if list(prompt_ids) != input_ids[: positions[0]]:
+            mismatched_prompts += 1
+
+    if stats is not None:
+        stats.turns_unsupervised += unsupervised_turns
+        stats.turns_prompt_mismatch += mismatched_prompts
+    else:
+        if unsupervised_turns:
             logger.warning("%s: %d assistant turn(s) not trained: %s", source, unsupervised_turns, _UNSUPERVISED_REASON)
+        if mismatched_prompts:
+            logger.warning("%s: %d assistant turn(s) %s", source, mismatched_prompts, _PROMPT_MISMATCH_REASON)
     return input_ids, labels
 
 
 _UNSUPERVISED_REASON = (
     "the chat template renders them differently inside the full conversation, "
     "or a token crosses the start or end of the turn"
+)
+_PROMPT_MISMATCH_REASON = (
+    "follow a prompt that tokenizes differently on its own than inside the conversation, so "
+    "encode_prompt's ids differ from the training ids before the answer"
 )
 
 
@@ -524,8 +550,7 @@ def _assistant_turn_span(
         end = len(turn)
     else:
         end = _common_prefix_length(turn, full_text)
-        if not full_text.endswith(turn[end:]):
-            return None
+        return None
     if end <= start:
         return None
     return _TurnSpan(start, end, end_is_exact)
@@ -578,6 +603,8 @@ class DataStats:
     rows_dropped_no_target: int = 0
     # Assistant turns left untrained because they could not be located on token boundaries.
     turns_unsupervised: int = 0
+    # Trained assistant turns whose prompt text tokenizes differently on its own (see encode_conversation).
+    turns_prompt_mismatch: int = 0
     # Tokens and trained tokens in the used rows, after truncation.
     tokens: int = 0
     supervised_tokens: int = 0
@@ -587,14 +614,17 @@ class DataStats:
         return (
             f"read {self.rows_read} rows, used {self.rows_used}; {self.rows_truncated} truncated to max_length, "
             f"{self.rows_dropped_no_target} dropped with no trained token; "
-            f"{self.turns_unsupervised} assistant turns untrained; "
+            f"{self.turns_unsupervised} assistant turns untrained, "
+            f"{self.turns_prompt_mismatch} with a prompt that tokenizes differently on its own; "
             f"{self.tokens} tokens, {self.supervised_tokens} of them trained"
         )
 
     def log_summary(self) -> None:
-        """Log summary() at warning level when data was lost, else at info level."""
-        lost_data = self.rows_truncated or self.rows_dropped_no_target or self.turns_unsupervised
-        logger.log(logging.WARNING if lost_data else logging.INFO, "Training data: %s", self.summary())
+        """Log summary() at warning level when data was lost or prompts mismatch, else at info level."""
+        problems = (
+            self.rows_truncated or self.rows_dropped_no_target or self.turns_unsupervised or self.turns_prompt_mismatch
+        )
+        logger.log(logging.WARNING if problems else logging.INFO, "Training data: %s", self.summary())
 
 
 class SupervisedDataset(Dataset):
