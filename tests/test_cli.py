@@ -1,0 +1,83 @@
+"""The `caft` command line: help, YAML configs and their errors."""
+
+import dataclasses
+
+import pytest
+
+from caft.cli import build_parser, main
+from caft.pipeline import config_fields
+
+
+def _help(command):
+    parser = build_parser()
+    subparsers = next(action for action in parser._actions if action.choices and command in action.choices)
+    return subparsers.choices[command].format_help()
+
+
+@pytest.mark.parametrize("command", ["finetune", "train-heads"])
+def test_help_lists_every_option_with_default(command):
+    text = " ".join(_help(command).split())
+    for field in config_fields():
+        assert "--" + field.name.replace("_", "-") in text, field.name
+    assert "Default: 4." in text  # num_aux_heads
+    assert "Default: 0.01." in text  # heads_coefficient
+    assert "(tokens)" in text  # units are stated
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_unknown_yaml_key_named(tmp_path, capsys):
+    path = _write(tmp_path, "model: x\nnum_aux_head: 3\n")
+    with pytest.raises(SystemExit) as error:
+        main(["finetune", "--config", path])
+    assert "num_aux_head" in str(error.value)
+    assert "num_aux_heads" in str(error.value)  # the suggestion
+    assert path in str(error.value)
+
+
+def test_wrong_type_named(tmp_path):
+    path = _write(tmp_path, "model: x\nmax_steps: ten\n")
+    with pytest.raises(SystemExit, match="max_steps must be of type int"):
+        main(["finetune", "--config", path])
+
+
+def test_invalid_choice_named(tmp_path):
+    path = _write(tmp_path, "model: x\nhead_type: mlp\n")
+    with pytest.raises(SystemExit, match="head_type must be one of"):
+        main(["finetune", "--config", path])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(SystemExit, match="config file not found"):
+        main(["finetune", "--config", str(tmp_path / "nope.yaml")])
+
+
+def test_missing_model_folder_is_clear(tmp_path, capsys):
+    status = main(["finetune", "--model", str(tmp_path / "no-model"), "--data", "x.jsonl", "--output-dir", str(tmp_path / "o")])
+    assert status == 2
+    assert "model folder not found" in capsys.readouterr().err
+
+
+def test_command_line_overrides_yaml(tmp_path):
+    from caft.cli import build_configs
+
+    path = _write(tmp_path, "model: a\nnum_aux_heads: 2\nlearning_rate: 1\n")
+    args = build_parser().parse_args(["finetune", "--config", path, "--num-aux-heads", "3", "--output-dir", "out"])
+    run_config, caft_config = build_configs(args)
+    assert caft_config.num_aux_heads == 3
+    assert run_config.output_dir == "out"
+    assert run_config.learning_rate == 1.0  # YAML int accepted for a float option
+    assert run_config.model == "a"
+
+
+def test_assets_variable_expanded(tmp_path, monkeypatch):
+    from caft.cli import build_configs
+
+    monkeypatch.setenv("CAFT_ASSETS", "/some/assets")
+    path = _write(tmp_path, "model: ${CAFT_ASSETS}/models/m\n")
+    run_config, _ = build_configs(build_parser().parse_args(["finetune", "--config", path]))
+    assert run_config.model == "/some/assets/models/m"

@@ -1,0 +1,113 @@
+"""The main job end to end on the real stories260k model and real GSM8K and Alpaca data."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from caft import load_heads
+from caft.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def _run(tmp_path, assets, extra=()):
+    output_dir = tmp_path / "run"
+    argv = [
+        "finetune",
+        "--config", "examples/quickstart.yaml",
+        "--output-dir", str(output_dir),
+        "--max-rows", "96",
+        "--eval-rows", "16",
+        "--head-train-steps", "6",
+        "--max-steps", "12",
+        "--logging-steps", "4",
+        "--save-steps", "6",
+        "--max-length", "256",
+        *extra,
+    ]
+    assert main(argv) == 0
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory, assets, stories_model_dir):
+    return _run(tmp_path_factory.mktemp("quickstart"), assets)
+
+
+def test_loss_falls(quickstart_run):
+    metrics = json.loads((quickstart_run / "metrics.json").read_text())
+    finetune = metrics["phases"]["finetune"]
+    assert finetune["eval_after"]["eval_head1_loss"] < finetune["eval_before"]["eval_head1_loss"]
+    heads = metrics["phases"]["heads"]
+    # Head training lowers the auxiliary heads' held-out loss (the trunk is frozen there).
+    assert heads["eval_after"]["eval_head2_loss"] < heads["eval_before"]["eval_head2_loss"]
+    assert heads["eval_after"]["eval_head1_loss"] == pytest.approx(heads["eval_before"]["eval_head1_loss"], rel=1e-6)
+
+
+def test_summary_rows(quickstart_run):
+    metrics = json.loads((quickstart_run / "metrics.json").read_text())
+    summary = metrics["summary"]
+    assert [row["head"] for row in summary] == [1, 2, 3, 4, 5]
+    assert all(row["loss_end"] is not None for row in summary)
+    assert metrics["data"]["eval_rows"] == 16
+
+
+def test_exported_model_has_no_heads_and_generates(quickstart_run, stories_model_dir):
+    model_dir = quickstart_run / "model"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(stories_model_dir)
+    assert set(model.state_dict()) == set(base.state_dict())
+    assert type(model) is type(base)
+    # LoRA was merged, so the weights differ from the base model's.
+    assert any(not torch.equal(model.state_dict()[k], base.state_dict()[k]) for k in base.state_dict())
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert tokenizer.chat_template  # the plain template used in training ships with the model
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Tom has 3 apples and buys 2 more. How many apples does he have?"}],
+        add_generation_prompt=True, tokenize=False,
+    )
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    generated = model.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert generated.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_heads_load_back_onto_base(quickstart_run, stories_model_dir):
+    base = AutoModelForCausalLM.from_pretrained(stories_model_dir)
+    caft_model = load_heads(base, quickstart_run / "heads")
+    assert len(caft_model.heads) == 4
+
+
+def test_no_temporary_folders_left(quickstart_run):
+    leftovers = [path.name for path in quickstart_run.iterdir() if path.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_ntp_baseline_same_pipeline(tmp_path, assets, stories_model_dir):
+    output_dir = _run(tmp_path, assets, extra=["--mode", "ntp", "--method", "full", "--learning-rate", "0.0005"])
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert "heads" not in metrics["phases"]
+    assert not (output_dir / "heads").exists()
+    log = [entry for entry in metrics["phases"]["finetune"]["log_history"] if "loss" in entry][0]
+    assert "head2_loss" not in log
+    finetune = metrics["phases"]["finetune"]
+    assert finetune["eval_after"]["eval_head1_loss"] < finetune["eval_before"]["eval_head1_loss"]
+    AutoModelForCausalLM.from_pretrained(output_dir / "model")
+
+
+def test_resume_continues_from_checkpoint(tmp_path, assets, stories_model_dir):
+    output_dir = _run(tmp_path, assets, extra=["--max-steps", "6"])
+    first_heads = (output_dir / "heads_trained" / "heads.safetensors").read_bytes()
+    # Same command with more steps and --resume: head training is reused, fine-tuning continues.
+    _run(tmp_path, assets, extra=["--max-steps", "12", "--resume"])
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert "heads" not in metrics["phases"]
+    finetune = metrics["phases"]["finetune"]
+    # The restored trainer state carries the first run's logs; a restart would repeat steps 1 and 4.
+    steps = [entry["step"] for entry in finetune["log_history"] if "loss" in entry]
+    assert steps == sorted(set(steps))
+    assert max(steps) == 12
+    assert "eval_before" not in finetune  # resumed, not started over
+    assert (output_dir / "heads_trained" / "heads.safetensors").read_bytes() == first_heads
