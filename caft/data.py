@@ -36,7 +36,7 @@ IGNORE_INDEX = -100
 
 
 class DataError(ValueError):
-    """Invalid training data, chat template or tokenizer; the message names the input and the fix."""
+    """Invalid training data, chat template or tokenizer. The message names the input and the fix."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -61,11 +61,12 @@ class Conversation:
 _CONVERSATION_ROLES = {"human": "user", "user": "user", "assistant": "assistant", "system": "system"}
 _MESSAGES_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 
+# Listed in the error for a row of no known shape.
 _ACCEPTED_SHAPES = (
-    '{"conversation": [{"role": "human"|"user"|"assistant"|"system", "content": ...}, ...]}; '
-    '{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}; '
-    '{"instruction": ..., "input": ... (optional), "output": ...}; '
-    '{"prompt": ..., "completion": ...} (two strings, or two lists of messages); '
+    '{"conversation": [{"role": "human"|"user"|"assistant"|"system", "content": ...}, ...]}, '
+    '{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}, '
+    '{"instruction": ..., "input": ... (optional), "output": ...}, '
+    '{"prompt": ..., "completion": ...} (two strings, or two lists of messages), '
     "or any two string fields named with prompt_field and completion_field"
 )
 
@@ -79,11 +80,18 @@ def load_conversations(
     """Read a JSON array or JSON Lines file into conversations, validating every row.
 
     The format is chosen by content: a file whose first non-blank character is "[" is one JSON array
-    of rows, and any other file is JSON Lines (one object per line, blank lines skipped). Each row must
-    have one of the shapes listed in `_ACCEPTED_SHAPES`. When `prompt_field` and `completion_field` are
-    given, every row is read as a single user turn from `row[prompt_field]` followed by a single
-    assistant turn from `row[completion_field]` instead, for example "question"/"answer" in GSM8K.
-    `max_rows` stops reading after that many rows.
+    of rows, and any other file is JSON Lines (one object per line, blank lines skipped). Accepted rows:
+
+    - {"conversation": [{"role", "content"}, ...]} with roles "human" (read as "user"), "user",
+      "assistant" and "system";
+    - {"messages": [{"role", "content"}, ...]} with roles "system", "user" and "assistant";
+    - Alpaca {"instruction", "input", "output"}: the user turn is the instruction, followed by a blank
+      line and the input when the input is present and not blank;
+    - {"prompt", "completion"}: two strings, or TRL's conversational form with two message lists.
+
+    When `prompt_field` and `completion_field` are given, every row is read instead as one user turn
+    from `row[prompt_field]` and one assistant turn from `row[completion_field]`, for example
+    "question" and "answer" in GSM8K. `max_rows` stops reading after that many rows.
 
     Raises DataError for a missing or empty file, invalid JSON, and any row that does not validate.
     """
@@ -102,19 +110,21 @@ def load_conversations(
         conversations.append(Conversation(messages=messages, source=source))
 
     if not conversations:
-        raise DataError(f"{path}: the file contains no rows; write one JSON object per line or a JSON array of objects")
+        raise DataError(
+            f"{path}: the file contains no rows. Write one JSON object per line, or a JSON array of objects"
+        )
     return conversations
 
 
 def _read_rows(path: Path, max_rows: int | None) -> list[tuple[str, Any]]:
     """Parse the file into (source, row) pairs, before any check of the rows themselves."""
     if not path.is_file():
-        raise DataError(f"{path}: file not found; check the path to the training data")
+        raise DataError(f"{path}: file not found. Check the path to the training data")
     try:
         # utf-8-sig also accepts files that start with a byte order mark.
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
-        raise DataError(f"{path}: the file is not valid UTF-8 ({error}); save it as UTF-8") from error
+        raise DataError(f"{path}: the file is not valid UTF-8 ({error}). Save it as UTF-8") from error
 
     if text.lstrip().startswith("["):
         try:
@@ -122,7 +132,7 @@ def _read_rows(path: Path, max_rows: int | None) -> list[tuple[str, Any]]:
         except json.JSONDecodeError as error:
             raise DataError(
                 f"{path}:{error.lineno}: invalid JSON at column {error.colno}: {error.msg}. "
-                "The file starts with '[' so it is read as one JSON array of rows; fix the JSON"
+                "The file starts with '[', so it is read as one JSON array of rows. Fix the JSON"
             ) from error
         if max_rows is not None:
             rows = rows[:max_rows]
@@ -139,8 +149,8 @@ def _read_rows(path: Path, max_rows: int | None) -> list[tuple[str, Any]]:
         except json.JSONDecodeError as error:
             raise DataError(
                 f"{path}:{line_number}: invalid JSON at column {error.colno}: {error.msg}. "
-                "The file does not start with '[' so it is read as JSON Lines, one complete JSON object "
-                "per line; fix or remove this line"
+                "The file does not start with '[', so it is read as JSON Lines, one complete JSON object "
+                "per line. Fix or remove this line"
             ) from error
         rows_with_sources.append((f"{path}:{line_number}", row))
     return rows_with_sources
@@ -176,8 +186,8 @@ def _row_to_messages(
 def _string_field(row: dict[str, Any], name: str, source: str) -> str:
     if name not in row:
         raise DataError(
-            f"{source}: the row has no field {name!r} (its fields: {', '.join(sorted(row))}); "
-            "check prompt_field and completion_field"
+            f"{source}: the row has no field {name!r} (its fields: {', '.join(sorted(row))}). "
+            "Check prompt_field and completion_field"
         )
     value = row[name]
     if not isinstance(value, str):
@@ -200,7 +210,7 @@ def _message_list(
         role = message["role"]
         if role not in accepted_roles:
             raise DataError(
-                f"{where} has unknown role {role!r}; accepted roles in {field_name!r}: "
+                f"{where} has unknown role {role!r}. Accepted roles in {field_name!r}: "
                 f"{', '.join(repr(name) for name in accepted_roles)}"
             )
         content = message["content"]
@@ -211,7 +221,7 @@ def _message_list(
 
 
 def _alpaca_messages(row: dict[str, Any], source: str) -> list[dict[str, str]]:
-    """Alpaca rows: the user turn is the instruction, followed by a blank line and the input if any."""
+    """Convert an Alpaca row. The user turn is the instruction, then a blank line and the input if any."""
     instruction = _string_field(row, "instruction", source)
     output = _string_field(row, "output", source)
     extra_input = row.get("input") or ""
@@ -223,7 +233,7 @@ def _alpaca_messages(row: dict[str, Any], source: str) -> list[dict[str, str]]:
 
 
 def _prompt_completion_messages(row: dict[str, Any], source: str) -> list[dict[str, str]]:
-    """Prompt/completion rows: two strings, or TRL's conversational form with two message lists."""
+    """Convert a prompt/completion row: two strings, or TRL's conversational form with two message lists."""
     prompt, completion = row["prompt"], row["completion"]
     if isinstance(prompt, str) and isinstance(completion, str):
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
@@ -235,8 +245,8 @@ def _prompt_completion_messages(row: dict[str, Any], source: str) -> list[dict[s
         # too, unlike in TRL where only the completion is. Rejecting it keeps the two consistent.
         if any(message["role"] == "assistant" for message in prompt_messages):
             raise DataError(
-                f"{source}: 'prompt' contains an assistant message, which would be trained as well; "
-                "move the whole conversation into a 'messages' field to train every assistant turn"
+                f"{source}: 'prompt' contains an assistant message, which would be trained as well. "
+                "Move the whole conversation into a 'messages' field to train every assistant turn"
             )
         if any(message["role"] != "assistant" for message in completion_messages):
             raise DataError(f"{source}: every message in 'completion' must have the role 'assistant'")
@@ -256,8 +266,8 @@ def _check_messages(messages: list[dict[str, str]], source: str) -> None:
     for index, message in enumerate(messages):
         if message["role"] == "assistant" and not message["content"].strip():
             raise DataError(
-                f"{source}: message {index} (0-based) is an empty assistant turn; "
-                "remove the row or give the turn its text"
+                f"{source}: message {index} (0-based) is an empty assistant turn. "
+                "Remove the row or give the turn its text"
             )
 
 
@@ -297,14 +307,14 @@ tokenizer has none, and rendering fails when it has no eos_token). The generatio
 "Assistant:" with no trailing space, for two reasons:
 
 - the rendering of a prefix with add_generation_prompt=True is then a prefix of the full rendering,
-  so a prompt at generation time tokenizes exactly as it did in training;
+  so a prompt at generation time is the same text that preceded the answer in training;
 - the space after the colon belongs to the answer, so SentencePiece-style tokenizers produce their
   usual word-initial tokens ("▁Hello") and BPE tokenizers like GPT-2 theirs ("ĠHello").
 
 The assistant span that is trained is " {assistant}<eos>\\n". The eos_token and bos_token strings become
 their special token ids when the rendered text is tokenized, because Hugging Face tokenizers match
-registered special tokens in the text before splitting the rest (checked on stories260k: "<s>" -> 1,
-"</s>" -> 2, and on GPT-2: "<|endoftext|>" -> 50256).
+registered special tokens in the text before splitting the rest. The tests check this for the
+stories260k tokenizer ("<s>" -> 1, "</s>" -> 2) and GPT-2 ("<|endoftext|>" -> 50256).
 """
 
 
@@ -325,7 +335,7 @@ def resolve_chat_template(tokenizer: Any, chat_template: str | os.PathLike[str] 
         if own_template is not None:
             return own_template
         logger.warning(
-            "Tokenizer at %s has no chat template; using the plain template (User:/Assistant: lines, "
+            "Tokenizer at %s has no chat template, so the plain template is used (User:/Assistant: lines, "
             "see caft.data.PLAIN_CHAT_TEMPLATE).",
             location,
         )
@@ -341,7 +351,7 @@ def resolve_chat_template(tokenizer: Any, chat_template: str | os.PathLike[str] 
     if choice.endswith(".jinja"):
         template_path = Path(choice)
         if not template_path.is_file():
-            raise DataError(f"chat template file {choice} not found; check the path")
+            raise DataError(f"chat template file {choice} not found. Check the path")
         return template_path.read_text(encoding="utf-8")
     if "{%" in choice or "{{" in choice:
         return choice
@@ -352,10 +362,10 @@ def resolve_chat_template(tokenizer: Any, chat_template: str | os.PathLike[str] 
 
 
 def _tokenizer_chat_template(tokenizer: Any) -> str | None:
-    """The tokenizer's default chat template, or None when it has none."""
+    """Return the tokenizer's default chat template, or None when it has none."""
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):
-        # Some tokenizers store several named templates; "default" is the one for plain chat.
+        # Some tokenizers store several named templates, and "default" is the one for plain chat.
         template = template.get("default")
     return template or None
 
@@ -363,6 +373,17 @@ def _tokenizer_chat_template(tokenizer: Any) -> str | None:
 # ---------------------------------------------------------------------------------------------------
 # Encoding: rendered text -> input_ids and labels
 # ---------------------------------------------------------------------------------------------------
+
+
+# Explanations shared by log messages and errors.
+_UNSUPERVISED_REASON = (
+    "the chat template renders them differently inside the full conversation, "
+    "or a token crosses the start or end of the turn"
+)
+_PROMPT_MISMATCH_REASON = (
+    "follow a prompt that tokenizes differently on its own than inside the conversation, so "
+    "encode_prompt's ids differ from the training ids before the answer"
+)
 
 
 def encode_conversation(
@@ -377,7 +398,7 @@ def encode_conversation(
 
     labels[i] equals input_ids[i] for tokens of assistant turns, end-of-turn tokens included, and
     IGNORE_INDEX elsewhere. `chat_template` is template text, as returned by resolve_chat_template.
-    The whole conversation is rendered and tokenized once, without adding special tokens, because
+    The ids come from one tokenization of the full rendering, without adding special tokens because
     chat templates write BOS themselves. `source` names the row in error messages.
 
     Two problems are counted in `stats`, or logged as warnings when `stats` is None:
@@ -391,17 +412,19 @@ def encode_conversation(
     """
     if "{%" not in chat_template and "{{" not in chat_template:
         raise DataError(
-            f"chat_template {chat_template!r} is not Jinja template text; pass it through "
+            f"chat_template {chat_template!r} is not Jinja template text. Pass it through "
             "resolve_chat_template first"
         )
     if not getattr(tokenizer, "is_fast", False):
         raise DataError(
             f"tokenizer {type(tokenizer).__name__} is not a fast (Rust tokenizers) tokenizer, so it returns no "
-            "character offsets, which the assistant-token labels are computed from; load it with use_fast=True"
+            "character offsets, which the assistant-token labels are computed from. Load it with use_fast=True"
         )
     messages = [dict(message) for message in messages]
     full_text = _render(tokenizer, messages, chat_template, False, source)
-    encoding = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
+    # verbose=False silences the tokenizer's warning about rows longer than the model's maximum
+    # length, because build_supervised_dataset truncates and counts those rows itself.
+    encoding = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     input_ids = list(encoding["input_ids"])
     offsets = [tuple(offset) for offset in encoding["offset_mapping"]]
 
@@ -426,10 +449,10 @@ def encode_conversation(
         for position in positions:
             labels[position] = input_ids[position]
 
-        # The text before the turn is the prompt the model gets at generation time. Pre-tokenizers
-        # can split it differently when nothing follows: GPT-2 makes one token of a final "\n\n" but
-        # two of "\n\n" before a word. The labels stay right, but generation sees unfamiliar ids.
-        prompt_ids = tokenizer(full_text[: span.start], add_special_tokens=False)["input_ids"]
+        # The text before the turn is the prompt at generation time. A pre-tokenizer can split its end
+        # differently when nothing follows: GPT-2 makes one token of a final "\n\n" but two of "\n\n"
+        # before a word. The labels stay right, but the generation prompt then has ids unlike training.
+        prompt_ids = tokenizer(full_text[: span.start], add_special_tokens=False, verbose=False)["input_ids"]
         if list(prompt_ids) != input_ids[: positions[0]]:
             mismatched_prompts += 1
 
@@ -444,22 +467,13 @@ def encode_conversation(
     return input_ids, labels
 
 
-_UNSUPERVISED_REASON = (
-    "the chat template renders them differently inside the full conversation, "
-    "or a token crosses the start or end of the turn"
-)
-_PROMPT_MISMATCH_REASON = (
-    "follow a prompt that tokenizes differently on its own than inside the conversation, so "
-    "encode_prompt's ids differ from the training ids before the answer"
-)
-
-
 def encode_prompt(tokenizer: Any, messages: Sequence[Mapping[str, str]], chat_template: str) -> list[int]:
     """Return the token ids of `messages` rendered with the generation prompt, for generation.
 
     Rendering and tokenization match encode_conversation, so when the template's generation prompt
     is a prefix of its rendering of the answered turn, these ids are a prefix of the training ids.
-    Templates whose generation prompt adds text (DeepSeek-R1's "<think>\\n") differ by that text.
+    Templates whose generation prompt adds text (DeepSeek-R1's "<think>\\n") differ by that text, and
+    so do prompts whose end the tokenizer splits differently (counted as turns_prompt_mismatch).
     """
     text = _render(tokenizer, [dict(message) for message in messages], chat_template, True, "prompt")
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -495,8 +509,8 @@ class _TurnSpan:
 
     start: int
     end: int
-    # False when the end was found by comparing renderings that differ after the turn; the end may
-    # then lie a few characters past the turn's true end, inside text shared with what follows.
+    # False when the end was found by comparing renderings that differ after the turn. Such an end
+    # may lie a few characters past the turn's true end, inside text shared with what follows.
     end_is_exact: bool
 
 
@@ -512,25 +526,26 @@ def _assistant_turn_span(
 
     Three renderings of the conversation up to this turn are compared:
 
-    - prompt = messages[:index] with the generation prompt, which is what the model sees before it
-      writes this turn at generation time;
+    - prompt = messages[:index] with the generation prompt, the model's input at generation time;
     - history = messages[:index] without the generation prompt;
     - turn = messages[:index + 1] without the generation prompt.
 
     The turn starts where `prompt` and `turn` stop agreeing. Usually all of `prompt` is a prefix of
     `turn`, but a generation prompt may add text that the answered turn lacks (DeepSeek-R1 adds
-    "<think>\\n"); that text is then not trained, as the model never has to write it.
+    "<think>\\n"), and that text is not trained because the model never has to write it.
 
     The turn ends at the end of `turn` when `turn` is a prefix of `full_text`. Some templates append
-    text only after the last message (Phi-3.5 appends eos_token); then the turn ends where `turn` and
+    text only after the last message (Phi-3.5 appends eos_token). Then the turn ends where `turn` and
     `full_text` stop agreeing, provided that the rest of `turn` is exactly how `full_text` ends.
 
     None means the turn cannot be located safely, so it is not trained:
 
     - the turn is the first message, so there is no prompt to render;
-    - `turn` does not start with `history`: adding the turn rewrote earlier text (Mistral Nemo
-      renders the system message in the last user turn, and drops it when an assistant turn is last);
-    - `turn` differs from `full_text` before the turn ends: later messages rewrite this turn.
+    - `turn` does not keep the text that `history` and `prompt` share, because adding the turn
+      rewrote earlier text (Mistral Nemo renders the system message in the last user turn, and
+      drops it when an assistant turn is last);
+    - `turn` differs from `full_text` before the turn ends and its rest is not how `full_text` ends,
+      because later messages rewrite this turn (reasoning templates strip earlier reasoning).
     """
     if index == 0:
         return None
@@ -550,18 +565,20 @@ def _assistant_turn_span(
         end = len(turn)
     else:
         end = _common_prefix_length(turn, full_text)
-        return None
+        if not full_text.endswith(turn[end:]):
+            return None
     if end <= start:
         return None
     return _TurnSpan(start, end, end_is_exact)
 
 
 def _token_crosses_boundary(span: _TurnSpan, offsets: list[tuple[int, int]]) -> bool:
-    """Whether a token mixes the turn's text with the text before or after it.
+    """Return True when a token contains both text of the turn and text before or after it.
 
     Such a token at the start means the prompt tokenizes differently at generation time. At the end,
     it means the turn's last characters cannot be trained on their own. The end is only checked when
-    it is exact; an end found by comparing renderings may lie inside text shared with the next turn.
+    it is exact, because an end found by comparing renderings may lie inside text shared with the
+    next turn.
     """
     for token_start, token_end in offsets:
         if token_start < span.start < token_end:
@@ -598,6 +615,7 @@ class DataStats:
 
     rows_read: int = 0
     rows_used: int = 0
+    # Rows cut to max_length, including those then dropped.
     rows_truncated: int = 0
     # Rows left with no trained token, after truncation or because no turn could be located.
     rows_dropped_no_target: int = 0
@@ -610,12 +628,12 @@ class DataStats:
     supervised_tokens: int = 0
 
     def summary(self) -> str:
-        """One line with every count."""
+        """Format every count on one line."""
         return (
-            f"read {self.rows_read} rows, used {self.rows_used}; {self.rows_truncated} truncated to max_length, "
-            f"{self.rows_dropped_no_target} dropped with no trained token; "
+            f"read {self.rows_read} rows, used {self.rows_used}, {self.rows_truncated} truncated to max_length, "
+            f"{self.rows_dropped_no_target} dropped with no trained token. "
             f"{self.turns_unsupervised} assistant turns untrained, "
-            f"{self.turns_prompt_mismatch} with a prompt that tokenizes differently on its own; "
+            f"{self.turns_prompt_mismatch} with a prompt that tokenizes differently on its own. "
             f"{self.tokens} tokens, {self.supervised_tokens} of them trained"
         )
 
@@ -628,7 +646,7 @@ class DataStats:
 
 
 class SupervisedDataset(Dataset):
-    """Encoded rows as dicts {"input_ids": list[int], "labels": list[int]}; CAFTDataCollator pads them."""
+    """Encoded rows as dicts {"input_ids": list[int], "labels": list[int]}, for CAFTDataCollator to pad."""
 
     def __init__(self, examples: list[dict[str, list[int]]]):
         self.examples = examples
@@ -686,11 +704,11 @@ def build_supervised_dataset(
     if not examples:
         reasons = []
         if stats.rows_truncated:
-            reasons.append(f"{stats.rows_truncated} rows were longer than max_length={max_length}; raise max_length")
+            reasons.append(f"{stats.rows_truncated} rows were longer than max_length={max_length}, so raise max_length")
         if stats.turns_unsupervised:
             reasons.append(
-                f"{stats.turns_unsupervised} assistant turns were not trained because {_UNSUPERVISED_REASON}; "
-                "set chat_template to another template, or register the template's special tokens in the tokenizer"
+                f"{stats.turns_unsupervised} assistant turns were not trained because {_UNSUPERVISED_REASON}. "
+                "Set chat_template to another template, or register the template's special tokens in the tokenizer"
             )
         raise DataError(
             f"{path}: all {stats.rows_read} rows were dropped because none kept a trained token. "
@@ -714,11 +732,11 @@ def resolve_pad_token_id(tokenizer: Any) -> int:
         token_id = getattr(tokenizer, name, None)
         if token_id is not None:
             if name != "pad_token_id":
-                logger.info("Tokenizer has no pad token; padding with %s=%d.", name, token_id)
+                logger.info("Tokenizer has no pad token, so padding uses %s=%d.", name, token_id)
             return int(token_id)
     raise DataError(
-        f"tokenizer at {getattr(tokenizer, 'name_or_path', '?')} has no pad, eos or unk token to pad with; "
-        "set tokenizer.pad_token"
+        f"tokenizer at {getattr(tokenizer, 'name_or_path', '?')} has no pad, eos or unk token to pad with. "
+        "Set tokenizer.pad_token"
     )
 
 
@@ -750,6 +768,7 @@ class CAFTDataCollator:
 
         length = max(len(feature["input_ids"]) for feature in features)
         if self.pad_to_multiple_of is not None:
+            # Ceiling division rounds the length up to the next multiple.
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
 
         input_ids = torch.full((len(features), length), self.pad_token_id, dtype=torch.long)

@@ -178,8 +178,10 @@ def load_model_and_tokenizer(config: FinetuneConfig):
     return model, tokenizer
 
 
-def load_datasets(config: FinetuneConfig, tokenizer) -> tuple[Dataset, Dataset | None, dict[str, Any]]:
-    """Tokenize the training data and split off (or load) the evaluation data."""
+def load_datasets(
+    config: FinetuneConfig, tokenizer, chat_template: str
+) -> tuple[Dataset, Dataset | None, dict[str, Any]]:
+    """Tokenize the training data with the resolved `chat_template` text and split off (or load) the evaluation data."""
     from .data import build_supervised_dataset
 
     def build(path: str) -> tuple[Dataset, Any]:
@@ -187,7 +189,7 @@ def load_datasets(config: FinetuneConfig, tokenizer) -> tuple[Dataset, Dataset |
             path,
             tokenizer,
             config.max_length,
-            chat_template=config.chat_template,
+            chat_template=chat_template,
             prompt_field=config.prompt_field,
             completion_field=config.completion_field,
             max_rows=config.max_rows,
@@ -334,10 +336,11 @@ def write_json(path: Path, content: Any) -> None:
 def export_model(caft_model: CAFTModel, tokenizer, config: FinetuneConfig, chat_template: str) -> Path:
     """Save the fine-tuned model without heads: merged LoRA or plain weights, or the adapter alone."""
     is_peft = hasattr(caft_model.model, "peft_config")
-    # A tokenizer without a chat template was trained with the plain template: ship it along, so
-    # generation formats prompts the way training did.
-    if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = chat_template
+    # Ship the template the model was trained with (the plain one for a tokenizer without a
+    # template, or the one chosen by `chat_template`), so generation formats prompts the same way.
+    if getattr(tokenizer, "chat_template", None) not in (None, chat_template):
+        logger.info("The exported tokenizer gets the chat template used in training instead of its own")
+    tokenizer.chat_template = chat_template
 
     if is_peft and config.export == "adapter":
         target = Path(config.output_dir) / "adapter"
@@ -422,7 +425,7 @@ def _prepare(config: FinetuneConfig):
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model_and_tokenizer(config)
     chat_template = resolve_chat_template(tokenizer, config.chat_template)
-    train, evaluation, stats = load_datasets(config, tokenizer)
+    train, evaluation, stats = load_datasets(config, tokenizer, chat_template)
     collator = CAFTDataCollator(pad_token_id=resolve_pad_token_id(tokenizer))
     return model, tokenizer, chat_template, train, evaluation, stats, collator
 
@@ -459,7 +462,7 @@ def run_finetune(config: FinetuneConfig, caft_config: CAFTConfig) -> RunResult:
                 **{**asdict(config), "data": config.head_data, "eval_rows": 0,
                    "prompt_field": None, "completion_field": None}
             )
-            head_train, _, head_stats = load_datasets(head_config, tokenizer)
+            head_train, _, head_stats = load_datasets(head_config, tokenizer, chat_template)
             stats["head_data"] = head_stats["train"]
         phases["heads"] = run_phase(
             caft_model, config, "heads", "heads", head_train, evaluation, collator, tokenizer,
