@@ -94,11 +94,15 @@ class CAFTModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+    def activation_checkpointing_enable(self, **kwargs: Any) -> None:
+        """Recompute the base model's layer activations in backward (transformers' own mechanism)."""
+        self.base_model.activation_checkpointing_enable(**kwargs)
 
-    def gradient_checkpointing_disable(self) -> None:
-        self.base_model.gradient_checkpointing_disable()
+    def activation_checkpointing_disable(self) -> None:
+        self.base_model.activation_checkpointing_disable()
+
+    def enable_input_require_grads(self) -> None:
+        self.base_model.enable_input_require_grads()
 
     # ---------------------------------------------------------------------------------------
     # Forward

@@ -147,3 +147,37 @@ def test_gradient_accumulation_divides_loss(tmp_path):
         if parameter.requires_grad and before[name].ne(parameter.detach()).any():
             expected_change = -dict(manual.named_parameters())[name].grad
             torch.testing.assert_close(parameter.detach() - before[name], expected_change, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_activation_checkpointing_same_losses(tmp_path, lora):
+    histories = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        caft_model = _model(lora=lora)
+        args = _args(tmp_path / str(checkpointing), max_steps=3, save_strategy="no", activation_checkpointing=checkpointing)
+        trainer = CAFTTrainer(model=caft_model, mode="caft", args=args, train_dataset=_rows())
+        trainer.train()
+        assert caft_model.base_model.is_activation_checkpointing == checkpointing
+        histories.append([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])
+    assert histories[0] == pytest.approx(histories[1], rel=1e-5)
+
+
+def test_freeze_unembedding_in_full_finetuning(tmp_path):
+    caft_model = add_auxiliary_heads(make_tiny_model("llama"), CAFTConfig(num_aux_heads=1))
+    prepare_full_finetuning(caft_model, freeze_unembedding=True)
+    unembedding = caft_model.base_model.get_output_embeddings().weight
+    before_unembedding = unembedding.detach().clone()
+    before_layer = caft_model.base_model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    CAFTTrainer(model=caft_model, mode="caft", args=_args(tmp_path, max_steps=1, save_strategy="no"), train_dataset=_rows()).train()
+    assert torch.equal(unembedding, before_unembedding)
+    assert not torch.equal(caft_model.base_model.model.layers[0].mlp.up_proj.weight, before_layer)
+
+
+def test_lora_never_enters_heads():
+    caft_model = add_auxiliary_heads(make_tiny_model("qwen2"), CAFTConfig(num_aux_heads=2))
+    apply_lora(caft_model, r=4)
+    assert any("lora_" in name for name, _ in caft_model.model.named_parameters())
+    assert not any("lora_" in name for name, _ in caft_model.heads.named_parameters())
+    # The unembedding keeps no adapter either ("all-linear" leaves the output layer out).
+    assert not any("lora_" in name for name, _ in caft_model.base_model.get_output_embeddings().named_parameters())

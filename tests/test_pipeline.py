@@ -1,0 +1,75 @@
+"""Pipeline pieces: model export in both forms, and the train-heads job on the real model."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from caft import CAFTConfig, add_auxiliary_heads, apply_lora, load_heads
+from caft.cli import main
+from caft.pipeline import FinetuneConfig, export_model
+from tiny_models import make_tiny_model
+
+
+@pytest.fixture
+def gpt2_tokenizer(assets):
+    folder = assets / "tokenizers" / "gpt2"
+    if not folder.is_dir():
+        pytest.skip(f"gpt2 tokenizer not found at {folder}")
+    return AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("export", ["merged", "adapter"])
+def test_export_forms(tmp_path, gpt2_tokenizer, export):
+    caft_model = add_auxiliary_heads(make_tiny_model("gpt2"), CAFTConfig(num_aux_heads=2))
+    apply_lora(caft_model, r=4)
+    with torch.no_grad():  # make the adapter non-trivial
+        for name, parameter in caft_model.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.1)
+    caft_model.eval()  # PEFT leaves the model in training mode, with dropout on
+    input_ids = torch.randint(3, 128, (1, 8))
+    with torch.no_grad():
+        expected = caft_model.model(input_ids=input_ids).logits
+
+    config = FinetuneConfig(model="m", data="d", output_dir=str(tmp_path), export=export)
+    target = export_model(caft_model, gpt2_tokenizer, config, chat_template="{{ 'x' }}")
+    assert target.name == ("model" if export == "merged" else "adapter")
+    if export == "merged":
+        model = AutoModelForCausalLM.from_pretrained(target)
+        assert not any("lora_" in key or key.startswith("heads") for key in model.state_dict())
+    else:
+        from peft import PeftModel
+
+        assert (target / "adapter_model.safetensors").is_file()
+        model = PeftModel.from_pretrained(make_tiny_model("gpt2"), target)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=input_ids).logits, expected, rtol=1e-4, atol=1e-5)
+    assert AutoTokenizer.from_pretrained(target).chat_template == "{{ 'x' }}"
+
+
+@pytest.mark.slow
+def test_train_heads_job_on_stories(tmp_path, assets, stories_model_dir):
+    output_dir = tmp_path / "heads-run"
+    status = main([
+        "train-heads",
+        "--model", str(stories_model_dir),
+        "--data", str(assets / "data" / "instruct" / "alpaca-demo" / "alpaca_en_demo.json"),
+        "--max-rows", "120", "--eval-rows", "24", "--max-length", "256",
+        "--head-train-steps", "15", "--num-aux-heads", "2", "--logging-steps", "5",
+        "--output-dir", str(output_dir),
+    ])
+    assert status == 0
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    phase = metrics["phases"]["heads"]
+    for k in (2, 3):
+        assert phase["eval_after"][f"eval_head{k}_loss"] < phase["eval_before"][f"eval_head{k}_loss"]
+    # The trunk is frozen: the next-token loss does not move.
+    assert phase["eval_after"]["eval_head1_loss"] == pytest.approx(phase["eval_before"]["eval_head1_loss"], rel=1e-6)
+
+    base = AutoModelForCausalLM.from_pretrained(stories_model_dir)
+    caft_model = load_heads(base, output_dir / "heads")
+    assert len(caft_model.heads) == 2
+    assert not (output_dir / "model").exists()
