@@ -27,7 +27,7 @@ _TYPES = {"int": int, "float": float, "bool": bool, "str": str, "dict": dict}
 
 
 def _base_type(field: Field) -> type:
-    """The Python type of a dataclass field, from its (string) annotation."""
+    """Return the Python type of a dataclass field, read from its (string) annotation."""
     annotation = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "str")
     names = [part.strip() for part in annotation.split("|") if part.strip() != "None"]
     return _TYPES.get(names[0], str) if names else str

@@ -1,9 +1,9 @@
 """`CAFTModel`: a causal LM plus auxiliary heads, and the multi-token loss over them.
 
 The base model is called unmodified, so its next-token logits are exactly the base model's. While
-it runs, a hook records the last decoder layer's call (see `architecture.py`); the heads then
-replay that call on their own layers, go through the shared final norm and unembedding, and
-their losses are computed in chunks (see `loss.py`).
+it runs, a hook records the last decoder layer's call (see `architecture.py`). The heads then
+replay that call on their own layers and go through the shared final norm and unembedding. Their
+losses are computed in chunks (see `loss.py`).
 
 Example:
     >>> model = AutoModelForCausalLM.from_pretrained("path/to/model")
@@ -227,7 +227,7 @@ class CAFTModel(nn.Module):
         head: nn.Module | None = None,
     ) -> CrossEntropyResult:
         targets = shift_targets(labels, offset, attention_mask)  # (B, T)
-        # The final norm is cheap and (B, T, H)-sized, so it runs once outside the chunks; only the
+        # The final norm is cheap and (B, T, H)-sized, so it runs once outside the chunks. Only the
         # vocabulary projection, the (B, T, V)-sized step, is chunked and recomputed.
         normalized = apply_final_norm(self.model, self.parts, hidden)
         unembedding = getattr(head, "unembedding", None)

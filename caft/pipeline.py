@@ -7,7 +7,7 @@
 4. fine-tune with LoRA or fully, in "caft" mode (or "ntp", the next-token baseline);
 5. export a plain Hugging Face model without heads, the heads, and `metrics.json`.
 
-Every step logs progress; the returned `RunResult` holds the per-head summary the CLI prints.
+Every step logs progress. The returned `RunResult` contains the per-head summary that the CLI prints.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ class FinetuneConfig:
 
 @dataclass
 class RunResult:
-    """What a run produced: output paths, the per-head summary and the metrics file content."""
+    """Outputs of a run: output paths, the per-head summary and the metrics file content."""
 
     output_dir: Path
     model_dir: Path | None
@@ -370,7 +370,7 @@ def save_heads_folder(caft_model: CAFTModel, target: Path) -> Path:
 
 
 def head_summary(phases: dict[str, Any], caft_config: CAFTConfig, num_heads: int) -> list[dict[str, Any]]:
-    """One row per head: loss and top-1 accuracy at the start and the end of fine-tuning.
+    """Tabulate each head's loss and top-1 accuracy at the start and the end of fine-tuning.
 
     Uses the held-out evaluation when there is one, else the first and last training logs.
     """

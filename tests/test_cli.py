@@ -81,3 +81,13 @@ def test_assets_variable_expanded(tmp_path, monkeypatch):
     path = _write(tmp_path, "model: ${CAFT_ASSETS}/models/m\n")
     run_config, _ = build_configs(build_parser().parse_args(["finetune", "--config", path]))
     assert run_config.model == "/some/assets/models/m"
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in __import__("pathlib").Path("examples").glob("*.yaml")))
+def test_example_configs_are_valid(example):
+    from caft.cli import build_configs
+
+    args = build_parser().parse_args(["finetune", "--config", f"examples/{example}"])
+    run_config, caft_config = build_configs(args)
+    assert run_config.model
+    assert run_config.data

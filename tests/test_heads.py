@@ -15,7 +15,7 @@ ALL = sorted(ARCHITECTURES)
 
 
 def attention_variants(arch):
-    # Gemma 2 supports only eager attention; the others are checked under both implementations,
+    # Gemma 2 supports only eager attention. The others are checked under both implementations,
     # because a missing mask is only wrong under eager attention and sliding windows.
     return ["eager"] if arch == "gemma2" else ["sdpa", "eager"]
 
@@ -147,7 +147,7 @@ def test_head_accuracy_matches_argmax():
         assert output.head_num_targets[index] == valid.sum()
 
 
-def test_heads_mode_loss_is_decayed_sum_without_next_token():
+def test_heads_mode_loss_excludes_next_token():
     config = CAFTConfig(num_aux_heads=3, decay=0.5)
     caft_model = add_auxiliary_heads(make_tiny_model("qwen2"), config)
     input_ids, attention_mask, labels = random_batch()
