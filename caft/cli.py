@@ -136,6 +136,10 @@ def _setup_logging(level: str) -> None:
 
 
 def _print_result(result, title: str) -> None:
+    from .pipeline import is_main_process
+
+    if not is_main_process():  # one summary under `accelerate launch`, not one per process
+        return
     print(f"\n{title}")
     print(format_summary(result.summary))
     print()

@@ -468,7 +468,9 @@ def run_finetune(config: FinetuneConfig, caft_config: CAFTConfig) -> RunResult:
             caft_model, config, "heads", "heads", head_train, evaluation, collator, tokenizer,
             learning_rate=config.head_learning_rate, max_steps=_head_phase_steps(config),
         )
-        save_heads_folder(caft_model, heads_trained)
+        if is_main_process():
+            save_heads_folder(caft_model, heads_trained)
+        wait_for_everyone()
 
     if config.method == "lora":
         targets: str | list[str] = config.lora_target_modules
@@ -483,28 +485,12 @@ def run_finetune(config: FinetuneConfig, caft_config: CAFTConfig) -> RunResult:
         learning_rate=config.learning_rate, max_steps=config.max_steps, train_heads=config.train_heads,
     )
 
-    heads_dir = None
-    if len(caft_model.heads) > 0:
-        heads_dir = save_heads_folder(caft_model, output_dir / "heads")
-    model_dir = export_model(caft_model, tokenizer, config, chat_template)
-
-    summary = head_summary(phases, caft_model.caft_config, len(caft_model.heads))
-    metrics = {
-        "config": asdict(config),
-        "caft_config": caft_model.caft_config.to_dict(),
-        "data": stats,
-        "phases": phases,
-        "summary": summary,
-    }
-    metrics_path = output_dir / "metrics.json"
-    write_json(metrics_path, metrics)
-    return RunResult(output_dir, model_dir, heads_dir, metrics_path, summary, metrics)
+    return _write_outputs(caft_model, config, phases, stats, tokenizer, chat_template, export=True)
 
 
 def run_train_heads(config: FinetuneConfig, caft_config: CAFTConfig) -> RunResult:
     """Train auxiliary heads with the trunk frozen and save them (the `caft train-heads` job)."""
-    model, tokenizer, _, train, evaluation, stats, collator = _prepare(config)
-    output_dir = Path(config.output_dir)
+    model, tokenizer, chat_template, train, evaluation, stats, collator = _prepare(config)
     caft_model = _attach_heads(model, config, caft_config)
     if len(caft_model.heads) == 0:
         raise ValueError("num_aux_heads is 0: there are no heads to train")
@@ -515,7 +501,22 @@ def run_train_heads(config: FinetuneConfig, caft_config: CAFTConfig) -> RunResul
             learning_rate=config.head_learning_rate, max_steps=_head_phase_steps(config),
         )
     }
-    heads_dir = save_heads_folder(caft_model, output_dir / "heads")
+    return _write_outputs(caft_model, config, phases, stats, tokenizer, chat_template=None, export=False)
+
+
+def _write_outputs(
+    caft_model: CAFTModel,
+    config: FinetuneConfig,
+    phases: dict[str, Any],
+    stats: dict[str, Any],
+    tokenizer,
+    chat_template: str | None,
+    export: bool,
+) -> RunResult:
+    """Save the heads, the exported model (when `export`) and metrics.json, from the main process only."""
+    output_dir = Path(config.output_dir)
+    heads_dir = output_dir / "heads" if len(caft_model.heads) > 0 else None
+    model_dir = None
     summary = head_summary(phases, caft_model.caft_config, len(caft_model.heads))
     metrics = {
         "config": asdict(config),
@@ -525,8 +526,28 @@ def run_train_heads(config: FinetuneConfig, caft_config: CAFTConfig) -> RunResul
         "summary": summary,
     }
     metrics_path = output_dir / "metrics.json"
-    write_json(metrics_path, metrics)
-    return RunResult(output_dir, None, heads_dir, metrics_path, summary, metrics)
+    # Under `accelerate launch` every process reaches this point with the same weights, and one
+    # writer avoids processes replacing each other's folders.
+    if is_main_process():
+        if heads_dir is not None:
+            save_heads_folder(caft_model, heads_dir)
+        if export:
+            model_dir = export_model(caft_model, tokenizer, config, chat_template)
+        write_json(metrics_path, metrics)
+    wait_for_everyone()
+    return RunResult(output_dir, model_dir, heads_dir, metrics_path, summary, metrics)
+
+
+def is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def wait_for_everyone() -> None:
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
 
 
 def config_fields() -> list:

@@ -1,6 +1,5 @@
 """The `caft` command line: help, YAML configs and their errors."""
 
-import dataclasses
 
 import pytest
 

@@ -1,6 +1,5 @@
 """Auxiliary heads on every supported architecture: attachment, exactness, loss and training steps."""
 
-import copy
 
 import pytest
 import torch
