@@ -173,8 +173,19 @@ def load_model_and_tokenizer(config: FinetuneConfig):
         )
     dtype = "auto" if config.dtype == "auto" else DTYPES[config.dtype]
     logger.info("Loading model %s (dtype %s)", source, config.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as error:
+        if Path(source).exists():
+            raise
+        offline = " HF_HUB_OFFLINE is set, so only models already in the local cache load." if os.environ.get(
+            "HF_HUB_OFFLINE"
+        ) else ""
+        raise FileNotFoundError(
+            f"model {source!r} is not a local folder and could not be loaded from the Hugging Face Hub.{offline} "
+            f"({error})"
+        ) from error
     return model, tokenizer
 
 

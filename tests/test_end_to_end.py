@@ -111,3 +111,27 @@ def test_resume_continues_from_checkpoint(tmp_path, assets, stories_model_dir):
     assert max(steps) == 12
     assert "eval_before" not in finetune  # resumed, not started over
     assert (output_dir / "heads_trained" / "heads.safetensors").read_bytes() == first_heads
+
+
+def test_two_processes_with_accelerate(tmp_path, assets, stories_model_dir):
+    # Two CPU processes (gloo): metrics are summed across processes, one process writes outputs.
+    import shutil
+    import subprocess
+
+    if shutil.which("accelerate") is None:
+        pytest.skip("the accelerate launcher is not on PATH")
+    output_dir = tmp_path / "ddp"
+    command = [
+        "accelerate", "launch", "--num_processes", "2", "--cpu", "-m", "caft.cli", "finetune",
+        "--config", "examples/quickstart.yaml", "--output-dir", str(output_dir),
+        "--max-rows", "64", "--eval-rows", "8", "--max-length", "256",
+        "--head-train-steps", "2", "--max-steps", "3", "--logging-steps", "1",
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.count("Per-head summary") == 1
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    logs = [entry for entry in metrics["phases"]["finetune"]["log_history"] if "loss" in entry]
+    assert len(logs) == 3
+    assert "head5_acc" in logs[0]
+    AutoModelForCausalLM.from_pretrained(output_dir / "model")
