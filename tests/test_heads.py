@@ -243,3 +243,17 @@ def test_training_step_changes_expected_parameters(arch, mode, method, train_hea
     # Every trainable tensor moved (embedding tables move in the rows of the batch's tokens).
     missed = expected - changed
     assert not missed, f"trainable but unchanged: {sorted(missed)[:5]}"
+
+
+@pytest.mark.parametrize("arch", ALL)
+def test_random_init_redraws_weights(arch):
+    caft_model = add_auxiliary_heads(make_tiny_model(arch), CAFTConfig(num_aux_heads=1, head_init="random"))
+    last_layer = caft_model.base_model.get_submodule(caft_model.parts.layers_path)[-1]
+    head_layer = caft_model.heads[0].layers[0]
+    for (name, original), (_, copy) in zip(last_layer.named_parameters(), head_layer.named_parameters()):
+        if original.dim() == 2:  # weight matrices; norms and biases start from constants anyway
+            assert not torch.equal(original, copy), name
+    input_ids, attention_mask, _ = random_batch()
+    with torch.no_grad():
+        output = caft_model(input_ids, attention_mask=attention_mask, return_head_logits=True)
+    assert not torch.allclose(output.head_logits[0], output.logits)
