@@ -19,11 +19,15 @@ import yaml
 
 from .assets import expand_path_variables
 from .config import CAFTConfig
-from .pipeline import FinetuneConfig, config_fields, format_summary
+from .run_config import FinetuneConfig, config_fields
 
 logger = logging.getLogger("caft")
 
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str, "dict": dict}
+
+
+class ConfigError(ValueError):
+    """An invalid YAML config or option value."""
 
 
 def _base_type(field: Field) -> type:
@@ -44,49 +48,76 @@ def _default_text(field: Field) -> str:
 def _parse_mapping(text: str) -> dict:
     value = yaml.safe_load(text)
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a YAML/JSON mapping such as '{{bf16: true}}', got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a YAML/JSON mapping such as '{{bf16: true}}', got {text!r}"
+        )
     return value
 
 
-def add_config_options(parser: argparse.ArgumentParser) -> None:
-    """Add one option per config field; unset options stay absent so YAML values survive."""
+def add_config_options(parser: argparse.ArgumentParser, command: str) -> None:
+    """Add one option per config field that `command` uses; unset options stay absent so YAML values survive."""
     finetune_group = parser.add_argument_group("run options")
     caft_group = parser.add_argument_group("CAFT heads and loss (CAFTConfig)")
     caft_names = {field.name for field in CAFTConfig.__dataclass_fields__.values()}
-    for field in config_fields():
+    for field in config_fields(command):
         group = caft_group if field.name in caft_names else finetune_group
         option = "--" + field.name.replace("_", "-")
         help_text = f"{field.metadata.get('help', '')} Default: {_default_text(field)}."
         kind = _base_type(field)
         if kind is bool:
-            group.add_argument(option, dest=field.name, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=help_text)
+            group.add_argument(
+                option,
+                dest=field.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
         elif kind is dict:
-            group.add_argument(option, dest=field.name, type=_parse_mapping, default=argparse.SUPPRESS,
-                               metavar="MAPPING", help=help_text)
+            group.add_argument(
+                option,
+                dest=field.name,
+                type=_parse_mapping,
+                default=argparse.SUPPRESS,
+                metavar="MAPPING",
+                help=help_text,
+            )
         else:
-            group.add_argument(option, dest=field.name, type=kind, default=argparse.SUPPRESS,
-                               metavar=kind.__name__.upper(), help=help_text)
+            group.add_argument(
+                option,
+                dest=field.name,
+                type=kind,
+                default=argparse.SUPPRESS,
+                metavar=kind.__name__.upper(),
+                help=help_text,
+            )
 
 
-def read_yaml_config(path: Path) -> dict[str, Any]:
-    """Read a flat YAML mapping of option names to values, naming the file in every error."""
+def read_yaml_config(path: Path, command: str = "finetune") -> dict[str, Any]:
+    """Read a flat YAML mapping of option names to values, naming the file in every error.
+
+    Options that only `caft finetune` uses are accepted and dropped for other commands, so one
+    file can serve both.
+    """
     if not path.is_file():
-        raise SystemExit(f"caft: config file not found: {path}")
+        raise ConfigError(f"config file not found: {path}")
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise SystemExit(f"caft: {path}: invalid YAML: {error}") from error
+        raise ConfigError(f"{path}: invalid YAML: {error}") from error
     if not isinstance(values, dict):
-        raise SystemExit(f"caft: {path}: expected a mapping of option names to values at the top level")
+        raise ConfigError(f"{path}: expected a mapping of option names to values at the top level")
 
-    known = {field.name: field for field in config_fields()}
+    known = {field.name for field in config_fields("finetune")}
     for key in values:
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise SystemExit(f"caft: {path}: unknown option {key!r}{hint} (see `caft finetune --help`)")
-    return values
+            raise ConfigError(f"{path}: unknown option {key!r}{hint} (see `caft finetune --help`)")
+    used = {field.name for field in config_fields(command)}
+    ignored = sorted(set(values) - used)
+    if ignored:
+        logger.debug("%s: options %s do not apply to `caft %s`", path, ignored, command)
+    return {key: value for key, value in values.items() if key in used}
 
 
 def _coerce(name: str, value: Any, field: Field, source: str) -> Any:
@@ -101,29 +132,30 @@ def _coerce(name: str, value: Any, field: Field, source: str) -> Any:
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise SystemExit(f"caft: {source}: {name} must be of type {kind.__name__}, got {value!r}")
+        raise ConfigError(f"{source}: {name} must be of type {kind.__name__}, got {value!r}")
     return value
 
 
 def build_configs(args: argparse.Namespace) -> tuple[FinetuneConfig, CAFTConfig]:
     """Merge dataclass defaults, the YAML config and command-line options, in that order."""
+    command = getattr(args, "command", None) or "finetune"
     values: dict[str, Any] = {}
     source = "command line"
     if getattr(args, "config", None):
         source = str(args.config)
-        values.update(read_yaml_config(Path(args.config)))
-    for field in config_fields():
+        values.update(read_yaml_config(Path(args.config), command))
+    for field in config_fields(command):
         if field.name in vars(args):
             values[field.name] = getattr(args, field.name)
 
-    known = {field.name: field for field in config_fields()}
+    known = {field.name: field for field in config_fields("finetune")}
     values = {name: _coerce(name, value, known[name], source) for name, value in values.items()}
     caft_names = set(CAFTConfig.__dataclass_fields__)
     try:
         caft_config = CAFTConfig(**{k: v for k, v in values.items() if k in caft_names and v is not None})
         run_config = FinetuneConfig(**{k: v for k, v in values.items() if k not in caft_names})
     except (TypeError, ValueError) as error:
-        raise SystemExit(f"caft: invalid configuration ({source}): {error}") from error
+        raise ConfigError(f"invalid configuration ({source}): {error}") from error
     return run_config, caft_config
 
 
@@ -136,7 +168,7 @@ def _setup_logging(level: str) -> None:
 
 
 def _print_result(result, title: str) -> None:
-    from .pipeline import is_main_process
+    from .run_outputs import format_summary, is_main_process
 
     if not is_main_process():  # one summary under `accelerate launch`, not one per process
         return
@@ -155,7 +187,11 @@ def command_finetune(args: argparse.Namespace) -> int:
 
     run_config, caft_config = build_configs(args)
     result = run_finetune(run_config, caft_config)
-    _print_result(result, f"CAFT fine-tuning finished (mode {run_config.mode}, {run_config.method}). Per-head summary:")
+    if run_config.mode == "ntp":
+        title = f"Next-token baseline fine-tuning finished ({run_config.method}). Summary:"
+    else:
+        title = f"CAFT fine-tuning finished ({run_config.method}). Per-head summary:"
+    _print_result(result, title)
     return 0
 
 
@@ -173,8 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="caft",
         description="Concept-aware fine-tuning: train causal LMs with auxiliary multi-token prediction heads.",
     )
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                        help="Verbosity of caft's own log messages. Default: info.")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="Verbosity of caft's own log messages. Default: info.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     finetune = commands.add_parser(
@@ -184,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Options override the YAML config given with --config.",
     )
     finetune.add_argument("--config", type=Path, help="YAML file of options (keys use underscores).")
-    add_config_options(finetune)
+    add_config_options(finetune, "finetune")
     finetune.set_defaults(handler=command_finetune)
 
     train_heads = commands.add_parser(
@@ -193,22 +233,29 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train auxiliary heads on a frozen base model (steps: --head-train-steps, "
         "learning rate: --head-learning-rate) and save them to OUTPUT_DIR/heads.",
     )
-    train_heads.add_argument("--config", type=Path, help="YAML file of options (keys use underscores).")
-    add_config_options(train_heads)
+    train_heads.add_argument(
+        "--config",
+        type=Path,
+        help="YAML file of options (keys use underscores); fine-tuning options in it are ignored.",
+    )
+    add_config_options(train_heads, "train-heads")
     train_heads.set_defaults(handler=command_train_heads)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `caft` command; returns 0 on success and 2 on invalid input (argparse's usage code)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.log_level)
-    from .data import DataError
-    from .heads_io import HeadsMismatchError
 
     try:
         return args.handler(args)
-    except (DataError, HeadsMismatchError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError) as error:
+        # Invalid configs, data, heads and paths raise these with a message that names the input
+        # and the fix. A traceback adds nothing for users; --log-level debug shows it.
+        if args.log_level == "debug":
+            raise
         print(f"caft: error: {error}", file=sys.stderr)
         return 2
 

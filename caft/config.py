@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Any
 
 HEAD_TYPES = ("transformer", "resblock")
+
+# Fields that define the heads' parameters; saved heads fix them. The other fields only shape
+# the loss, so each run may choose its own.
+STRUCTURE_FIELDS = ("num_aux_heads", "head_type", "layers_per_head", "head_init", "separate_unembedding")
 HEAD_INITS = ("copy_last_layer", "random")
 SCHEDULES = ("rsine", "sine", "linear", "constant")
 
@@ -122,6 +126,16 @@ class CAFTConfig:
         """
         scale = self.heads_coefficient * self.schedule_value(progress)
         return [scale * self.decay ** (k - 1) for k in range(2, self.num_aux_heads + 2)]
+
+    def same_structure(self, other: "CAFTConfig") -> bool:
+        """Whether heads built from `self` and from `other` have the same parameters."""
+        return all(getattr(self, name) == getattr(other, name) for name in STRUCTURE_FIELDS)
+
+    def with_loss_settings_of(self, other: "CAFTConfig") -> "CAFTConfig":
+        """Return a copy with this config's head structure and `other`'s loss settings."""
+        values = other.to_dict()
+        values.update({name: getattr(self, name) for name in STRUCTURE_FIELDS})
+        return CAFTConfig(**values)
 
     # ----------------------------------------------------------------------------------------
     # Serialisation

@@ -461,7 +461,9 @@ def encode_conversation(
         stats.turns_prompt_mismatch += mismatched_prompts
     else:
         if unsupervised_turns:
-            logger.warning("%s: %d assistant turn(s) not trained: %s", source, unsupervised_turns, _UNSUPERVISED_REASON)
+            logger.warning(
+                "%s: %d assistant turn(s) not trained: %s", source, unsupervised_turns, _UNSUPERVISED_REASON
+            )
         if mismatched_prompts:
             logger.warning("%s: %d assistant turn(s) %s", source, mismatched_prompts, _PROMPT_MISMATCH_REASON)
     return input_ids, labels
@@ -637,12 +639,15 @@ class DataStats:
             f"{self.tokens} tokens, {self.supervised_tokens} of them trained"
         )
 
-    def log_summary(self) -> None:
-        """Log summary() at warning level when data was lost or prompts mismatch, else at info level."""
+    def log_summary(self, name: str = "Training data") -> None:
+        """Log summary() after `name` at warning level when data was lost or prompts mismatch, else at info level."""
         problems = (
-            self.rows_truncated or self.rows_dropped_no_target or self.turns_unsupervised or self.turns_prompt_mismatch
+            self.rows_truncated
+            or self.rows_dropped_no_target
+            or self.turns_unsupervised
+            or self.turns_prompt_mismatch
         )
-        logger.log(logging.WARNING if problems else logging.INFO, "Training data: %s", self.summary())
+        logger.log(logging.WARNING if problems else logging.INFO, "%s: %s", name, self.summary())
 
 
 class SupervisedDataset(Dataset):
@@ -700,11 +705,13 @@ def build_supervised_dataset(
         stats.tokens += len(input_ids)
         stats.supervised_tokens += supervised
 
-    stats.log_summary()
+    stats.log_summary(f"Data {path}")
     if not examples:
         reasons = []
         if stats.rows_truncated:
-            reasons.append(f"{stats.rows_truncated} rows were longer than max_length={max_length}, so raise max_length")
+            reasons.append(
+                f"{stats.rows_truncated} rows were longer than max_length={max_length}, so raise max_length"
+            )
         if stats.turns_unsupervised:
             reasons.append(
                 f"{stats.turns_unsupervised} assistant turns were not trained because {_UNSUPERVISED_REASON}. "
@@ -754,7 +761,9 @@ class CAFTDataCollator:
 
     def __post_init__(self) -> None:
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
-            raise ValueError(f"pad_to_multiple_of must be a positive integer or None, got {self.pad_to_multiple_of}")
+            raise ValueError(
+                f"pad_to_multiple_of must be a positive integer or None, got {self.pad_to_multiple_of}"
+            )
 
     def __call__(self, features: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
         if not features:

@@ -56,12 +56,21 @@ def describe_base_model(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def default_file_mode() -> int:
+    """Return the mode a newly created file gets under the current umask (0o644 under umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _write_atomically(path: Path, write) -> None:
     """Call `write(temporary_path)`, then rename onto `path`, so no half-written file is left."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
         write(temporary)
+        # mkstemp creates owner-only files; give the final file the usual permissions.
+        os.chmod(temporary, default_file_mode())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -75,14 +84,18 @@ def save_heads(caft_model: CAFTModel, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
 
-    state = {name: tensor.detach().contiguous().cpu() for name, tensor in caft_model.heads.state_dict().items()}
+    state = {
+        name: tensor.detach().contiguous().cpu() for name, tensor in caft_model.heads.state_dict().items()
+    }
     metadata = {
         "format_version": FORMAT_VERSION,
         "caft_version": _caft_version(),
         "caft_config": caft_model.caft_config.to_dict(),
         "base_model": describe_base_model(caft_model.model),
     }
-    _write_atomically(directory / WEIGHTS_NAME, lambda path: save_file(state, path, metadata={"format": "pt"}))
+    _write_atomically(
+        directory / WEIGHTS_NAME, lambda path: save_file(state, path, metadata={"format": "pt"})
+    )
     _write_atomically(
         directory / CONFIG_NAME, lambda path: Path(path).write_text(json.dumps(metadata, indent=2) + "\n")
     )
@@ -127,7 +140,9 @@ def resolve_heads_path(path: str | os.PathLike) -> Path:
         ) from error
 
 
-def check_heads_match(metadata: dict[str, Any], model: nn.Module, source: str, allow_other_base: bool) -> None:
+def check_heads_match(
+    metadata: dict[str, Any], model: nn.Module, source: str, allow_other_base: bool
+) -> None:
     """Raise `HeadsMismatchError` when heads described by `metadata` do not fit `model`."""
     saved = metadata["base_model"]
     current = describe_base_model(model)
@@ -160,8 +175,9 @@ def load_heads(
     """Load heads from `path` onto a causal LM or a `CAFTModel` and return the `CAFTModel`.
 
     A plain causal LM gets new heads built from the saved `CAFTConfig`. A `CAFTModel` whose heads
-    have the same config gets its weights replaced in place. Otherwise the heads are rebuilt, which
-    requires that no LoRA was applied yet (the rebuilt heads copy the last decoder layer).
+    have the same structure (`STRUCTURE_FIELDS`) gets its weights replaced in place and keeps its
+    own loss settings. Otherwise the heads are rebuilt, which requires that no LoRA was applied yet
+    (the rebuilt heads copy the last decoder layer).
 
     Raises:
         HeadsMismatchError: the heads were saved for another base model.
@@ -174,7 +190,10 @@ def load_heads(
     if isinstance(model_or_caft_model, CAFTModel):
         caft_model = model_or_caft_model
         check_heads_match(metadata, caft_model.model, str(directory), allow_other_base)
-        if caft_model.caft_config != config:
+        if caft_model.caft_config.same_structure(config):
+            # Same parameters: load in place and keep the model's own loss settings.
+            config = caft_model.caft_config
+        else:
             if hasattr(caft_model.model, "peft_config"):
                 raise ValueError(
                     f"heads at {directory} have another CAFTConfig than the model's heads; load "

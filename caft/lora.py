@@ -37,9 +37,11 @@ def apply_lora(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
     )
     caft_model.model = get_peft_model(caft_model.model, config)
-    trainable = sum(p.numel() for p in caft_model.model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in caft_model.model.parameters())
-    logger.info("LoRA r=%d on %s: %d of %d base parameters trainable", r, target_modules, trainable, total)
+    adapter = sum(p.numel() for name, p in caft_model.model.named_parameters() if "lora_" in name)
+    base = sum(p.numel() for name, p in caft_model.model.named_parameters() if "lora_" not in name)
+    logger.info(
+        "LoRA r=%d on %s: %d adapter parameters on a %d-parameter model", r, target_modules, adapter, base
+    )
     return caft_model
 
 

@@ -182,7 +182,9 @@ class CAFTModel(nn.Module):
                 if head_logits is not None:
                     head_logits.append(self._project(hidden, head))
                 if labels is not None:
-                    result = self._head_cross_entropy(hidden, labels, attention_mask, offset=index + 2, head=head)
+                    result = self._head_cross_entropy(
+                        hidden, labels, attention_mask, offset=index + 2, head=head
+                    )
                     aux_results.append(result)
                     losses[index + 1] = result.mean_loss()
                     accuracies[index + 1] = result.accuracy().detach()

@@ -39,7 +39,9 @@ class HeadMetrics:
         self.correct: torch.Tensor | None = None  # (n,)
         self.targets: torch.Tensor | None = None  # (n,)
 
-    def add(self, head_losses: torch.Tensor, head_accuracies: torch.Tensor, head_targets: torch.Tensor) -> None:
+    def add(
+        self, head_losses: torch.Tensor, head_accuracies: torch.Tensor, head_targets: torch.Tensor
+    ) -> None:
         counts = head_targets.detach().double()
         # Heads that did not run hold NaN; they contribute nothing (count 0) rather than NaN.
         ran = ~torch.isnan(head_losses.detach())
@@ -88,7 +90,9 @@ class CAFTTrainer(Trainer):
         >>> trainer.train()
     """
 
-    def __init__(self, model: CAFTModel, mode: str = "caft", train_heads: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self, model: CAFTModel, mode: str = "caft", train_heads: bool = False, **kwargs: Any
+    ) -> None:
         if not isinstance(model, CAFTModel):
             raise TypeError(
                 f"CAFTTrainer needs a CAFTModel (see caft.add_auxiliary_heads), got {type(model).__name__}"
@@ -147,7 +151,9 @@ class CAFTTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         reduce = None
         if self.accelerator.num_processes > 1:
-            reduce = lambda tensor: self.accelerator.reduce(tensor.to(self.accelerator.device), reduction="sum")
+            reduce = lambda tensor: self.accelerator.reduce(
+                tensor.to(self.accelerator.device), reduction="sum"
+            )
         if any(key.startswith("eval_") for key in logs):
             logs.update(self._head_metrics["eval"].pop(reduce, prefix="eval_"))
         elif "loss" in logs:

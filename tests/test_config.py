@@ -9,7 +9,12 @@ from caft import CAFTConfig
 
 def test_defaults_match_reference_settings():
     config = CAFTConfig()
-    assert (config.num_aux_heads, config.heads_coefficient, config.decay, config.schedule) == (4, 0.01, 0.8, "rsine")
+    assert (config.num_aux_heads, config.heads_coefficient, config.decay, config.schedule) == (
+        4,
+        0.01,
+        0.8,
+        "rsine",
+    )
 
 
 @pytest.mark.parametrize(

@@ -127,7 +127,10 @@ def test_messages_shape_drops_extra_keys(tmp_path):
 
     [conversation] = load_conversations(path)
 
-    assert conversation.messages == [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    assert conversation.messages == [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
 
 
 def test_alpaca_shape_joins_input(tmp_path):
@@ -140,7 +143,11 @@ def test_alpaca_shape_joins_input(tmp_path):
 
     conversations = load_conversations(path)
 
-    assert [c.messages[0]["content"] for c in conversations] == ["Add the numbers.\n\n2 and 3", "Say hi.", "Say bye."]
+    assert [c.messages[0]["content"] for c in conversations] == [
+        "Add the numbers.\n\n2 and 3",
+        "Say hi.",
+        "Say bye.",
+    ]
     assert [c.messages[1] for c in conversations] == [
         {"role": "assistant", "content": "5"},
         {"role": "assistant", "content": "Hi"},
@@ -161,7 +168,10 @@ def test_prompt_completion_strings(tmp_path):
 
 def test_prompt_completion_trl_conversational(tmp_path):
     row = {
-        "prompt": [{"role": "system", "content": "Short answers."}, {"role": "user", "content": "Capital of Peru?"}],
+        "prompt": [
+            {"role": "system", "content": "Short answers."},
+            {"role": "user", "content": "Capital of Peru?"},
+        ],
         "completion": [{"role": "assistant", "content": "Lima."}],
     }
     path = write_jsonl(tmp_path / "pc.jsonl", [row])
@@ -192,7 +202,10 @@ def test_prompt_and_completion_fields(tmp_path):
 
     [conversation] = load_conversations(path, prompt_field="q", completion_field="a")
 
-    assert conversation.messages == [{"role": "user", "content": "Why?"}, {"role": "assistant", "content": "Because."}]
+    assert conversation.messages == [
+        {"role": "user", "content": "Why?"},
+        {"role": "assistant", "content": "Because."},
+    ]
 
 
 def test_prompt_field_needs_completion_field(tmp_path):
@@ -405,7 +418,9 @@ def test_empty_file(tmp_path, text):
 def test_model_template_missing_raises():
     tokenizer = stories_tokenizer()
 
-    with pytest.raises(DataError, match="has no chat template; set chat_template to 'plain' or a .jinja file"):
+    with pytest.raises(
+        DataError, match="has no chat template; set chat_template to 'plain' or a .jinja file"
+    ):
         resolve_chat_template(tokenizer, "model")
 
 
@@ -464,9 +479,14 @@ TWO_TURNS = [
 def test_plain_template_renders_documented_format():
     tokenizer = stories_tokenizer()
 
-    text = tokenizer.apply_chat_template([SYSTEM, *TWO_TURNS], chat_template=PLAIN_CHAT_TEMPLATE, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [SYSTEM, *TWO_TURNS], chat_template=PLAIN_CHAT_TEMPLATE, tokenize=False
+    )
     prompt = tokenizer.apply_chat_template(
-        [SYSTEM, *TWO_TURNS[:3]], chat_template=PLAIN_CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True
+        [SYSTEM, *TWO_TURNS[:3]],
+        chat_template=PLAIN_CHAT_TEMPLATE,
+        tokenize=False,
+        add_generation_prompt=True,
     )
 
     assert text == (
@@ -676,7 +696,10 @@ def template_masking_params():
                     continue
                 params.append(
                     pytest.param(
-                        case_name, tokenizer_name, conversation_name, id=f"{case_name}-{tokenizer_name}-{conversation_name}"
+                        case_name,
+                        tokenizer_name,
+                        conversation_name,
+                        id=f"{case_name}-{tokenizer_name}-{conversation_name}",
                     )
                 )
     return params
@@ -791,7 +814,9 @@ def test_rewritten_reasoning_turn_unsupervised():
     ]
     stats = DataStats()
 
-    input_ids, labels = encode_conversation(tokenizer, messages, STRIP_EARLIER_REASONING_TEMPLATE, stats=stats)
+    input_ids, labels = encode_conversation(
+        tokenizer, messages, STRIP_EARLIER_REASONING_TEMPLATE, stats=stats
+    )
 
     assert stats.turns_unsupervised == 1
     runs = labelled_runs(labels)
@@ -810,7 +835,9 @@ def test_unrewritten_turns_stay_supervised():
     ]
     stats = DataStats()
 
-    input_ids, labels = encode_conversation(tokenizer, messages, STRIP_EARLIER_REASONING_TEMPLATE, stats=stats)
+    input_ids, labels = encode_conversation(
+        tokenizer, messages, STRIP_EARLIER_REASONING_TEMPLATE, stats=stats
+    )
 
     assert stats.turns_unsupervised == 0
     assert [tokenizer.decode(input_ids[start:end]) for start, end in labelled_runs(labels)] == [
@@ -854,7 +881,9 @@ def test_unregistered_control_tokens_leave_turns_untrained():
     # Without "<|eot_id|>" registered, the text "<|eot_id|><|start_header_id|>" tokenizes with a
     # token that crosses the end of the first assistant turn, so that turn cannot be trained alone.
     tokenizer = phi3_tokenizer()
-    template = asset("tokenizers/chat_templates/meta-llama-Llama-3.1-8B-Instruct.jinja").read_text(encoding="utf-8")
+    template = asset("tokenizers/chat_templates/meta-llama-Llama-3.1-8B-Instruct.jinja").read_text(
+        encoding="utf-8"
+    )
     stats = DataStats()
 
     input_ids, labels = encode_conversation(tokenizer, TWO_TURNS, template, stats=stats)
@@ -896,8 +925,14 @@ def test_encode_needs_fast_tokenizer():
 
 def test_truncation_and_dropping(tmp_path, caplog):
     tokenizer = stories_tokenizer()
-    short_prompt = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Once upon a time " * 8}]
-    long_prompt = [{"role": "user", "content": "Tell me a story " * 10}, {"role": "assistant", "content": "No."}]
+    short_prompt = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Once upon a time " * 8},
+    ]
+    long_prompt = [
+        {"role": "user", "content": "Tell me a story " * 10},
+        {"role": "assistant", "content": "No."},
+    ]
     short_ids, short_labels = encode_conversation(tokenizer, short_prompt, PLAIN_CHAT_TEMPLATE)
     long_ids, long_labels = encode_conversation(tokenizer, long_prompt, PLAIN_CHAT_TEMPLATE)
     first_label = next(position for position, label in enumerate(short_labels) if label != IGNORE_INDEX)
@@ -907,7 +942,9 @@ def test_truncation_and_dropping(tmp_path, caplog):
     path = write_jsonl(tmp_path / "train.jsonl", [{"messages": short_prompt}, {"messages": long_prompt}])
 
     with caplog.at_level(logging.INFO, logger="caft.data"):
-        dataset, stats = build_supervised_dataset(path, tokenizer, max_length=max_length, chat_template="plain")
+        dataset, stats = build_supervised_dataset(
+            path, tokenizer, max_length=max_length, chat_template="plain"
+        )
 
     assert len(dataset) == 1
     assert dataset[0] == {"input_ids": short_ids[:max_length], "labels": short_labels[:max_length]}
@@ -1018,11 +1055,16 @@ def test_collator_pads_right():
 
 
 def test_collator_pad_to_multiple_of():
-    features = [{"input_ids": [5, 6, 7, 9, 10], "labels": [5, 6, 7, 9, 10]}, {"input_ids": [8], "labels": [-100]}]
+    features = [
+        {"input_ids": [5, 6, 7, 9, 10], "labels": [5, 6, 7, 9, 10]},
+        {"input_ids": [8], "labels": [-100]},
+    ]
 
     batch = CAFTDataCollator(pad_token_id=2, pad_to_multiple_of=4)(features)
 
-    assert torch.equal(batch["input_ids"], torch.tensor([[5, 6, 7, 9, 10, 2, 2, 2], [8, 2, 2, 2, 2, 2, 2, 2]]))
+    assert torch.equal(
+        batch["input_ids"], torch.tensor([[5, 6, 7, 9, 10, 2, 2, 2], [8, 2, 2, 2, 2, 2, 2, 2]])
+    )
     expected_mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0]])
     expected_labels = torch.tensor([[5, 6, 7, 9, 10, -100, -100, -100], [-100] * 8])
     assert torch.equal(batch["attention_mask"], expected_mask)
@@ -1036,7 +1078,10 @@ def test_collator_rejects_mismatched_lengths():
 
 def test_collator_on_built_dataset(tmp_path):
     tokenizer = stories_tokenizer()
-    rows = [{"prompt": "Hi", "completion": "Hello."}, {"prompt": "Tell me a story.", "completion": "Once upon a time."}]
+    rows = [
+        {"prompt": "Hi", "completion": "Hello."},
+        {"prompt": "Tell me a story.", "completion": "Once upon a time."},
+    ]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     dataset, _ = build_supervised_dataset(path, tokenizer, max_length=64)
     collator = CAFTDataCollator(pad_token_id=resolve_pad_token_id(tokenizer))

@@ -1,6 +1,8 @@
 """The main job end to end on the real stories260k model and real GSM8K and Alpaca data."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -12,22 +14,34 @@ from caft.cli import main
 pytestmark = pytest.mark.slow
 
 
-def _run(tmp_path, assets, extra=()):
-    output_dir = tmp_path / "run"
-    argv = [
+def _argv(output_dir, extra=()):
+    return [
         "finetune",
-        "--config", "examples/quickstart.yaml",
-        "--output-dir", str(output_dir),
-        "--max-rows", "96",
-        "--eval-rows", "16",
-        "--head-train-steps", "6",
-        "--max-steps", "12",
-        "--logging-steps", "4",
-        "--save-steps", "6",
-        "--max-length", "256",
+        "--config",
+        "examples/quickstart.yaml",
+        "--output-dir",
+        str(output_dir),
+        "--max-rows",
+        "96",
+        "--eval-rows",
+        "16",
+        "--head-train-steps",
+        "6",
+        "--max-steps",
+        "12",
+        "--logging-steps",
+        "4",
+        "--save-steps",
+        "6",
+        "--max-length",
+        "256",
         *extra,
     ]
-    assert main(argv) == 0
+
+
+def _run(tmp_path, assets, extra=()):
+    output_dir = tmp_path / "run"
+    assert main(_argv(output_dir, extra)) == 0
     return output_dir
 
 
@@ -43,14 +57,18 @@ def test_loss_falls(quickstart_run):
     heads = metrics["phases"]["heads"]
     # Head training lowers the auxiliary heads' held-out loss (the trunk is frozen there).
     assert heads["eval_after"]["eval_head2_loss"] < heads["eval_before"]["eval_head2_loss"]
-    assert heads["eval_after"]["eval_head1_loss"] == pytest.approx(heads["eval_before"]["eval_head1_loss"], rel=1e-6)
+    assert heads["eval_after"]["eval_head1_loss"] == pytest.approx(
+        heads["eval_before"]["eval_head1_loss"], rel=1e-6
+    )
 
 
 def test_summary_rows(quickstart_run):
     metrics = json.loads((quickstart_run / "metrics.json").read_text())
     summary = metrics["summary"]
-    assert [row["head"] for row in summary] == [1, 2, 3, 4, 5]
-    assert all(row["loss_end"] is not None for row in summary)
+    assert [row["head"] for row in summary["rows"]] == [1, 2, 3, 4, 5]
+    assert all(row["loss_end"] is not None for row in summary["rows"])
+    assert summary["measured_on"] == "16 held-out rows"
+    assert summary["rows"][1]["weight"] == pytest.approx(0.01 * 0.8)
     assert metrics["data"]["eval_rows"] == 16
 
 
@@ -67,10 +85,13 @@ def test_exported_model_has_no_heads_and_generates(quickstart_run, stories_model
     assert tokenizer.chat_template  # the plain template used in training ships with the model
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Tom has 3 apples and buys 2 more. How many apples does he have?"}],
-        add_generation_prompt=True, tokenize=False,
+        add_generation_prompt=True,
+        tokenize=False,
     )
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-    generated = model.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    generated = model.generate(
+        **inputs, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.eos_token_id
+    )
     assert generated.shape[1] > inputs["input_ids"].shape[1]
 
 
@@ -85,8 +106,24 @@ def test_no_temporary_folders_left(quickstart_run):
     assert leftovers == []
 
 
+def test_outputs_readable_by_others(quickstart_run):
+    # Written under the default umask of the test process (022 on this machine and in CI).
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [
+        quickstart_run / "model",
+        quickstart_run / "model" / "model.safetensors",
+        quickstart_run / "heads" / "heads.safetensors",
+        quickstart_run / "metrics.json",
+    ]:
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path
+
+
 def test_ntp_baseline_same_pipeline(tmp_path, assets, stories_model_dir):
-    output_dir = _run(tmp_path, assets, extra=["--mode", "ntp", "--method", "full", "--learning-rate", "0.0005"])
+    output_dir = _run(
+        tmp_path, assets, extra=["--mode", "ntp", "--method", "full", "--learning-rate", "0.0005"]
+    )
     metrics = json.loads((output_dir / "metrics.json").read_text())
     assert "heads" not in metrics["phases"]
     assert not (output_dir / "heads").exists()
@@ -95,6 +132,16 @@ def test_ntp_baseline_same_pipeline(tmp_path, assets, stories_model_dir):
     finetune = metrics["phases"]["finetune"]
     assert finetune["eval_after"]["eval_head1_loss"] < finetune["eval_before"]["eval_head1_loss"]
     AutoModelForCausalLM.from_pretrained(output_dir / "model")
+
+
+def test_rerun_without_resume_rejected(tmp_path, assets, stories_model_dir, capsys):
+    output_dir = _run(tmp_path, assets, extra=["--max-steps", "2", "--head-train-steps", "1"])
+    capsys.readouterr()
+    assert main(_argv(output_dir, ["--no-overwrite-output-dir"])) == 2
+    assert "already has checkpoints of an earlier run" in capsys.readouterr().err
+    # Resuming with other data is rejected too.
+    assert main(_argv(output_dir, ["--resume", "--max-rows", "80"])) == 2
+    assert "max_rows: earlier 96, now 80" in capsys.readouterr().err
 
 
 def test_resume_continues_from_checkpoint(tmp_path, assets, stories_model_dir):
@@ -122,10 +169,30 @@ def test_two_processes_with_accelerate(tmp_path, assets, stories_model_dir):
         pytest.skip("the accelerate launcher is not on PATH")
     output_dir = tmp_path / "ddp"
     command = [
-        "accelerate", "launch", "--num_processes", "2", "--cpu", "-m", "caft.cli", "finetune",
-        "--config", "examples/quickstart.yaml", "--output-dir", str(output_dir),
-        "--max-rows", "64", "--eval-rows", "8", "--max-length", "256",
-        "--head-train-steps", "2", "--max-steps", "3", "--logging-steps", "1",
+        "accelerate",
+        "launch",
+        "--num_processes",
+        "2",
+        "--cpu",
+        "-m",
+        "caft.cli",
+        "finetune",
+        "--config",
+        "examples/quickstart.yaml",
+        "--output-dir",
+        str(output_dir),
+        "--max-rows",
+        "64",
+        "--eval-rows",
+        "8",
+        "--max-length",
+        "256",
+        "--head-train-steps",
+        "2",
+        "--max-steps",
+        "3",
+        "--logging-steps",
+        "1",
     ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]

@@ -1,6 +1,5 @@
 """Auxiliary heads on every supported architecture: attachment, exactness, loss and training steps."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -84,7 +83,9 @@ def naive_caft_loss(next_token_logits, head_logits, labels, attention_mask, conf
         offset = index + 1
         logits = stacked[index, :, :-offset].float()
         targets = labels[:, offset:]
-        losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100))
+        losses.append(
+            F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        )
     beta, gamma = config.heads_coefficient, config.decay
     s = config.schedule_value(progress)
     total = losses[0] + beta * s * sum(gamma ** (k - 1) * losses[k - 1] for k in range(2, len(losses) + 1))
@@ -189,10 +190,20 @@ def test_left_padding_gives_no_targets_on_padding():
 
 def _train_one_step(caft_model, mode, train_heads, tmp_path):
     input_ids, attention_mask, labels = random_batch(batch_size=2, seq_len=12, pad_last=2)
-    rows = [{"input_ids": input_ids[i], "attention_mask": attention_mask[i], "labels": labels[i]} for i in range(2)]
+    rows = [
+        {"input_ids": input_ids[i], "attention_mask": attention_mask[i], "labels": labels[i]}
+        for i in range(2)
+    ]
     args = TrainingArguments(
-        str(tmp_path), max_steps=1, per_device_train_batch_size=2, learning_rate=1e-2, report_to="none",
-        use_cpu=True, save_strategy="no", lr_scheduler_type="constant", disable_tqdm=True,
+        str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        lr_scheduler_type="constant",
+        disable_tqdm=True,
     )
     trainer = CAFTTrainer(model=caft_model, mode=mode, train_heads=train_heads, args=args, train_dataset=rows)
     before = {name: p.detach().clone() for name, p in caft_model.named_parameters()}

@@ -31,7 +31,9 @@ def test_save_load_round_trip(tmp_path, head_type):
     fresh = _named(make_tiny_model("llama"), "org/tiny-llama")
     loaded = load_heads(fresh, tmp_path / "heads")
     assert loaded.caft_config == config
-    for (name, expected), (_, actual) in zip(source.heads.state_dict().items(), loaded.heads.state_dict().items()):
+    for (name, expected), (_, actual) in zip(
+        source.heads.state_dict().items(), loaded.heads.state_dict().items()
+    ):
         assert torch.equal(expected, actual), name
 
     input_ids, attention_mask, labels = random_batch()
@@ -42,7 +44,9 @@ def test_save_load_round_trip(tmp_path, head_type):
 
 
 def test_metadata_records_base_model(tmp_path):
-    caft_model = add_auxiliary_heads(_named(make_tiny_model("qwen2"), "org/tiny-qwen"), CAFTConfig(num_aux_heads=3))
+    caft_model = add_auxiliary_heads(
+        _named(make_tiny_model("qwen2"), "org/tiny-qwen"), CAFTConfig(num_aux_heads=3)
+    )
     save_heads(caft_model, tmp_path)
     metadata = read_heads_metadata(tmp_path)
     assert metadata["base_model"] == {
@@ -65,11 +69,15 @@ def test_load_into_existing_caft_model_in_place(tmp_path):
     target = add_auxiliary_heads(_named(make_tiny_model("llama"), "tiny"), config)
     result = load_heads(target, tmp_path)
     assert result is target
-    assert torch.equal(result.heads[0].layers[0].mlp.up_proj.weight, source.heads[0].layers[0].mlp.up_proj.weight)
+    assert torch.equal(
+        result.heads[0].layers[0].mlp.up_proj.weight, source.heads[0].layers[0].mlp.up_proj.weight
+    )
 
 
 def test_other_architecture_refused(tmp_path):
-    source = add_auxiliary_heads(_named(make_tiny_model("llama"), "org/llama-tiny"), CAFTConfig(num_aux_heads=2))
+    source = add_auxiliary_heads(
+        _named(make_tiny_model("llama"), "org/llama-tiny"), CAFTConfig(num_aux_heads=2)
+    )
     save_heads(source, tmp_path)
     other = _named(make_tiny_model("gpt2"), "org/gpt2-tiny")
     with pytest.raises(HeadsMismatchError) as error:
@@ -81,7 +89,9 @@ def test_other_architecture_refused(tmp_path):
 
 
 def test_same_shapes_other_name_refused_unless_allowed(tmp_path):
-    source = add_auxiliary_heads(_named(make_tiny_model("llama"), "org/base-model"), CAFTConfig(num_aux_heads=1))
+    source = add_auxiliary_heads(
+        _named(make_tiny_model("llama"), "org/base-model"), CAFTConfig(num_aux_heads=1)
+    )
     save_heads(source, tmp_path)
     other = _named(make_tiny_model("llama", seed=1), "org/instruct-model")
     with pytest.raises(HeadsMismatchError, match="org/base-model.*org/instruct-model"):

@@ -72,7 +72,9 @@ def test_backward_keeps_no_full_logits():
         return sum(sizes)
 
     naive = saved_bytes(lambda: F.cross_entropy(unembedding(states), targets))
-    chunked = saved_bytes(lambda: chunked_cross_entropy(states, targets, unembedding, chunk_size=chunk).mean_loss())
+    chunked = saved_bytes(
+        lambda: chunked_cross_entropy(states, targets, unembedding, chunk_size=chunk).mean_loss()
+    )
     full_logits = n_rows * vocab * 4
     assert naive >= full_logits
     assert chunked < full_logits / 4

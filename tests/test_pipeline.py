@@ -53,23 +53,71 @@ def test_export_forms(tmp_path, gpt2_tokenizer, export):
 @pytest.mark.slow
 def test_train_heads_job_on_stories(tmp_path, assets, stories_model_dir):
     output_dir = tmp_path / "heads-run"
-    status = main([
-        "train-heads",
-        "--model", str(stories_model_dir),
-        "--data", str(assets / "data" / "instruct" / "alpaca-demo" / "alpaca_en_demo.json"),
-        "--max-rows", "120", "--eval-rows", "24", "--max-length", "256",
-        "--head-train-steps", "15", "--num-aux-heads", "2", "--logging-steps", "5",
-        "--output-dir", str(output_dir),
-    ])
+    status = main(
+        [
+            "train-heads",
+            "--model",
+            str(stories_model_dir),
+            "--data",
+            str(assets / "data" / "instruct" / "alpaca-demo" / "alpaca_en_demo.json"),
+            "--max-rows",
+            "120",
+            "--eval-rows",
+            "24",
+            "--max-length",
+            "256",
+            "--head-train-steps",
+            "15",
+            "--num-aux-heads",
+            "2",
+            "--logging-steps",
+            "5",
+            "--output-dir",
+            str(output_dir),
+        ]
+    )
     assert status == 0
     metrics = json.loads((output_dir / "metrics.json").read_text())
     phase = metrics["phases"]["heads"]
     for k in (2, 3):
         assert phase["eval_after"][f"eval_head{k}_loss"] < phase["eval_before"][f"eval_head{k}_loss"]
     # The trunk is frozen: the next-token loss does not move.
-    assert phase["eval_after"]["eval_head1_loss"] == pytest.approx(phase["eval_before"]["eval_head1_loss"], rel=1e-6)
+    assert phase["eval_after"]["eval_head1_loss"] == pytest.approx(
+        phase["eval_before"]["eval_head1_loss"], rel=1e-6
+    )
 
     base = AutoModelForCausalLM.from_pretrained(stories_model_dir)
     caft_model = load_heads(base, output_dir / "heads")
     assert len(caft_model.heads) == 2
     assert not (output_dir / "model").exists()
+
+
+def test_loaded_heads_keep_run_loss_settings(tmp_path, caplog):
+    from caft import save_heads
+    from caft.pipeline import attach_heads
+
+    source = add_auxiliary_heads(make_tiny_model("llama"), CAFTConfig(num_aux_heads=2, decay=0.8))
+    save_heads(source, tmp_path / "heads")
+    run = FinetuneConfig(model="m", data="d", output_dir=str(tmp_path / "out"), heads=str(tmp_path / "heads"))
+    requested = CAFTConfig(num_aux_heads=4, decay=0.5, heads_coefficient=0.2, schedule="constant")
+    with caplog.at_level("WARNING"):
+        caft_model = attach_heads(make_tiny_model("llama"), run, requested)
+    assert caft_model.caft_config.num_aux_heads == 2  # fixed by the saved heads
+    assert len(caft_model.heads) == 2
+    assert caft_model.caft_config.decay == 0.5  # loss settings come from this run
+    assert caft_model.caft_config.heads_coefficient == 0.2
+    assert caft_model.caft_config.schedule == "constant"
+    assert "num_aux_heads" in caplog.text
+
+
+def test_untrained_heads_warned(caplog):
+    from caft.pipeline import _warn_about_untrained_heads
+
+    with caplog.at_level("WARNING"):
+        _warn_about_untrained_heads(FinetuneConfig(model="m", data="d"))
+    assert "untrained" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        _warn_about_untrained_heads(FinetuneConfig(model="m", data="d", head_train_steps=5))
+        _warn_about_untrained_heads(FinetuneConfig(model="m", data="d", mode="ntp"))
+    assert caplog.text == ""

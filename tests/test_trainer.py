@@ -12,13 +12,24 @@ from tiny_models import make_tiny_model, random_batch
 
 def _rows(count=8, seq_len=12):
     input_ids, attention_mask, labels = random_batch(batch_size=count, seq_len=seq_len, pad_last=3)
-    return [{"input_ids": input_ids[i], "attention_mask": attention_mask[i], "labels": labels[i]} for i in range(count)]
+    return [
+        {"input_ids": input_ids[i], "attention_mask": attention_mask[i], "labels": labels[i]}
+        for i in range(count)
+    ]
 
 
 def _args(tmp_path, **overrides):
     values = dict(
-        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2,
-        report_to="none", use_cpu=True, logging_steps=1, save_steps=2, disable_tqdm=True, seed=0,
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to="none",
+        use_cpu=True,
+        logging_steps=1,
+        save_steps=2,
+        disable_tqdm=True,
+        seed=0,
         lr_scheduler_type="constant",
     )
     values.update(overrides)
@@ -35,7 +46,9 @@ def _model(arch="llama", lora=False):
 
 
 def test_logs_per_head_metrics(tmp_path):
-    trainer = CAFTTrainer(model=_model(), mode="caft", args=_args(tmp_path), train_dataset=_rows(), eval_dataset=_rows(4))
+    trainer = CAFTTrainer(
+        model=_model(), mode="caft", args=_args(tmp_path), train_dataset=_rows(), eval_dataset=_rows(4)
+    )
     trainer.train()
     metrics = trainer.evaluate()
     train_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -50,7 +63,9 @@ def test_logs_per_head_metrics(tmp_path):
 
 
 def test_ntp_mode_logs_only_next_token(tmp_path):
-    trainer = CAFTTrainer(model=_model(), mode="ntp", args=_args(tmp_path, max_steps=1), train_dataset=_rows())
+    trainer = CAFTTrainer(
+        model=_model(), mode="ntp", args=_args(tmp_path, max_steps=1), train_dataset=_rows()
+    )
     trainer.train()
     log = [entry for entry in trainer.state.log_history if "loss" in entry][0]
     assert "head1_loss" in log
@@ -76,7 +91,9 @@ def test_rejects_nothing_trainable(tmp_path):
 
 
 def test_checkpoint_contains_base_and_heads(tmp_path):
-    trainer = CAFTTrainer(model=_model(lora=True), mode="caft", args=_args(tmp_path, max_steps=2), train_dataset=_rows())
+    trainer = CAFTTrainer(
+        model=_model(lora=True), mode="caft", args=_args(tmp_path, max_steps=2), train_dataset=_rows()
+    )
     trainer.train()
     checkpoint = tmp_path / "checkpoint-2"
     assert (checkpoint / "adapter_model.safetensors").is_file()
@@ -89,7 +106,9 @@ def test_checkpoint_contains_base_and_heads(tmp_path):
 def test_resume_matches_uninterrupted_run(tmp_path, lora, mode, train_heads):
     rows = _rows()
     first = _model(lora=lora)
-    CAFTTrainer(model=first, mode=mode, train_heads=train_heads, args=_args(tmp_path / "a"), train_dataset=rows).train()
+    CAFTTrainer(
+        model=first, mode=mode, train_heads=train_heads, args=_args(tmp_path / "a"), train_dataset=rows
+    ).train()
 
     # A new process would build the model again from scratch: other random heads, fresh LoRA.
     torch.manual_seed(123)
@@ -107,7 +126,9 @@ def test_resume_matches_uninterrupted_run(tmp_path, lora, mode, train_heads):
 
 
 def test_resume_restores_heads_from_checkpoint(tmp_path):
-    trainer = CAFTTrainer(model=_model(), mode="heads", args=_args(tmp_path, max_steps=2), train_dataset=_rows())
+    trainer = CAFTTrainer(
+        model=_model(), mode="heads", args=_args(tmp_path, max_steps=2), train_dataset=_rows()
+    )
     trainer.train()
     saved = load_file(str(tmp_path / "checkpoint-2" / "heads" / "heads.safetensors"))
 
@@ -129,11 +150,14 @@ def test_gradient_accumulation_divides_loss(tmp_path):
     # Two micro-batches of 1 accumulated must give the same update as the mean of their losses:
     # with plain SGD the parameter change equals lr * mean gradient.
     rows = _rows(2)
-    args = dict(max_steps=1, optim="sgd", learning_rate=1.0, save_strategy="no", logging_steps=1, max_grad_norm=0)
+    args = dict(
+        max_steps=1, optim="sgd", learning_rate=1.0, save_strategy="no", logging_steps=1, max_grad_norm=0
+    )
     accumulated = _model()
     before = {n: p.detach().clone() for n, p in accumulated.named_parameters()}
     CAFTTrainer(
-        model=accumulated, mode="caft",
+        model=accumulated,
+        mode="caft",
         args=_args(tmp_path / "acc", per_device_train_batch_size=1, gradient_accumulation_steps=2, **args),
         train_dataset=rows,
     ).train()
@@ -146,7 +170,9 @@ def test_gradient_accumulation_divides_loss(tmp_path):
     for name, parameter in accumulated.named_parameters():
         if parameter.requires_grad and before[name].ne(parameter.detach()).any():
             expected_change = -dict(manual.named_parameters())[name].grad
-            torch.testing.assert_close(parameter.detach() - before[name], expected_change, rtol=1e-3, atol=1e-6)
+            torch.testing.assert_close(
+                parameter.detach() - before[name], expected_change, rtol=1e-3, atol=1e-6
+            )
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -155,7 +181,12 @@ def test_activation_checkpointing_same_losses(tmp_path, lora):
     for checkpointing in (False, True):
         torch.manual_seed(0)
         caft_model = _model(lora=lora)
-        args = _args(tmp_path / str(checkpointing), max_steps=3, save_strategy="no", activation_checkpointing=checkpointing)
+        args = _args(
+            tmp_path / str(checkpointing),
+            max_steps=3,
+            save_strategy="no",
+            activation_checkpointing=checkpointing,
+        )
         trainer = CAFTTrainer(model=caft_model, mode="caft", args=args, train_dataset=_rows())
         trainer.train()
         assert caft_model.base_model.is_activation_checkpointing == checkpointing
@@ -169,7 +200,12 @@ def test_freeze_unembedding_in_full_finetuning(tmp_path):
     unembedding = caft_model.base_model.get_output_embeddings().weight
     before_unembedding = unembedding.detach().clone()
     before_layer = caft_model.base_model.model.layers[0].mlp.up_proj.weight.detach().clone()
-    CAFTTrainer(model=caft_model, mode="caft", args=_args(tmp_path, max_steps=1, save_strategy="no"), train_dataset=_rows()).train()
+    CAFTTrainer(
+        model=caft_model,
+        mode="caft",
+        args=_args(tmp_path, max_steps=1, save_strategy="no"),
+        train_dataset=_rows(),
+    ).train()
     assert torch.equal(unembedding, before_unembedding)
     assert not torch.equal(caft_model.base_model.model.layers[0].mlp.up_proj.weight, before_layer)
 
@@ -180,4 +216,6 @@ def test_lora_never_enters_heads():
     assert any("lora_" in name for name, _ in caft_model.model.named_parameters())
     assert not any("lora_" in name for name, _ in caft_model.heads.named_parameters())
     # The unembedding keeps no adapter either ("all-linear" leaves the output layer out).
-    assert not any("lora_" in name for name, _ in caft_model.base_model.get_output_embeddings().named_parameters())
+    assert not any(
+        "lora_" in name for name, _ in caft_model.base_model.get_output_embeddings().named_parameters()
+    )
