@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import logging
 import sys
 from dataclasses import MISSING, Field
@@ -204,6 +205,44 @@ def command_train_heads(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_heads_info(args: argparse.Namespace) -> int:
+    from .heads_hub import format_heads_info, heads_info
+
+    info = heads_info(args.path)
+    print(json.dumps(info, indent=2) if args.json else format_heads_info(info))
+    return 0
+
+
+def command_heads_push(args: argparse.Namespace) -> int:
+    from .heads_hub import push_heads
+
+    url = push_heads(
+        args.path, args.repo_id, private=args.private, token=args.token, commit_message=args.message
+    )
+    print(f"pushed {args.path} to {url}")
+    return 0
+
+
+def add_heads_commands(commands) -> None:
+    heads = commands.add_parser("heads", help="Inspect or share a heads folder.")
+    actions = heads.add_subparsers(dest="heads_command", required=True)
+
+    info = actions.add_parser("info", help="Print a heads folder's base model, settings and accuracy.")
+    info.add_argument("path", help="Heads folder (OUTPUT_DIR/heads of a run) or a Hub repository id.")
+    info.add_argument("--json", action="store_true", help="Print the metadata as JSON.")
+    info.set_defaults(handler=command_heads_info)
+
+    push = actions.add_parser("push", help="Upload a heads folder with a model card to the Hugging Face Hub.")
+    push.add_argument("path", help="Heads folder to upload.")
+    push.add_argument("repo_id", help="Target repository, OWNER/NAME (created if missing).")
+    push.add_argument("--private", action="store_true", help="Create the repository as private.")
+    push.add_argument(
+        "--token", default=None, help="Hub token. Default: the HF_TOKEN variable or the saved login."
+    )
+    push.add_argument("--message", default=None, help="Commit message. Default: names the base model.")
+    push.set_defaults(handler=command_heads_push)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="caft",
@@ -240,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_options(train_heads, "train-heads")
     train_heads.set_defaults(handler=command_train_heads)
+
+    add_heads_commands(commands)
     return parser
 
 

@@ -164,7 +164,9 @@ class FinetuneConfig:
     )
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Delete checkpoints of an earlier run in output_dir and start over (ignored with resume)."},
+        metadata={
+            "help": "Delete checkpoints of an earlier run in output_dir and start over (ignored with resume)."
+        },
     )
     trainer: dict = field(
         default_factory=dict,
@@ -216,7 +218,7 @@ class FinetuneConfig:
             raise ValueError("no training data given: set `data` in the config or pass --data")
 
     def identity(self) -> dict[str, Any]:
-        """The settings that make two runs the same run, for checking a resumed run against its checkpoints."""
+        """Return the settings that make two runs the same run, for checking a resumed run against its checkpoints."""
         names = (
             "model",
             "data",
