@@ -32,15 +32,17 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+TOP_K = 5  # the second accuracy reported besides top-1
 
 
 @dataclass
 class CrossEntropyResult:
-    """Sum of per-token losses (fp32, differentiable), correct top-1 count and valid-target count."""
+    """Sum of per-token losses (fp32, differentiable), correct top-1 and top-5 counts, valid-target count."""
 
     loss_sum: torch.Tensor
     num_correct: torch.Tensor
     num_targets: torch.Tensor
+    num_correct_top5: torch.Tensor | None = None
 
     def mean_loss(self) -> torch.Tensor:
         """Mean over this head's own valid targets; 0 (still differentiable) when there are none."""
@@ -50,14 +52,28 @@ class CrossEntropyResult:
         """Top-1 accuracy over valid targets; NaN when there are none."""
         return self.num_correct.float() / self.num_targets.float()
 
+    def top5_accuracy(self) -> torch.Tensor:
+        """Top-5 accuracy (target among the 5 highest logits) over valid targets; NaN when there are none."""
+        if self.num_correct_top5 is None:
+            return torch.tensor(float("nan"), device=self.num_targets.device)
+        return self.num_correct_top5.float() / self.num_targets.float()
+
 
 def _chunk_loss(
     project: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     logits = project(hidden).float()  # (C, V), upcast one chunk at a time
     loss_sum = F.cross_entropy(logits, targets, reduction="sum")
-    num_correct = (logits.argmax(dim=-1) == targets).sum()
-    return loss_sum, num_correct
+    num_correct, num_correct_top5 = count_correct(logits, targets)
+    return loss_sum, num_correct, num_correct_top5
+
+
+def count_correct(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Count targets that are the top-1 prediction and that are among the top-5: (N, V), (N,) -> 2 scalars."""
+    with torch.no_grad():
+        top = logits.topk(min(TOP_K, logits.shape[-1]), dim=-1).indices  # (N, 5), best first
+        hits = top == targets.unsqueeze(-1)  # (N, 5)
+        return hits[:, 0].sum(), hits.any(dim=-1).sum()
 
 
 def chunked_cross_entropy(
@@ -89,23 +105,25 @@ def chunked_cross_entropy(
 
     loss_sum = hidden.new_zeros((), dtype=torch.float32)
     num_correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+    num_correct_top5 = torch.zeros((), dtype=torch.long, device=hidden.device)
     if hidden.shape[0] == 0:
         # Keep the graph connected so a backward through an empty head is a no-op, not an error.
-        return CrossEntropyResult(loss_sum + 0.0 * hidden.sum(), num_correct, num_targets)
+        return CrossEntropyResult(loss_sum + 0.0 * hidden.sum(), num_correct, num_targets, num_correct_top5)
 
     recompute = torch.is_grad_enabled()
     for start in range(0, hidden.shape[0], chunk_size):
         hidden_chunk = hidden[start : start + chunk_size]
         target_chunk = targets[start : start + chunk_size]
         if recompute:
-            chunk_loss, chunk_correct = checkpoint(
+            chunk_loss, chunk_correct, chunk_correct_top5 = checkpoint(
                 _chunk_loss, project, hidden_chunk, target_chunk, use_reentrant=False
             )
         else:
-            chunk_loss, chunk_correct = _chunk_loss(project, hidden_chunk, target_chunk)
+            chunk_loss, chunk_correct, chunk_correct_top5 = _chunk_loss(project, hidden_chunk, target_chunk)
         loss_sum = loss_sum + chunk_loss
         num_correct = num_correct + chunk_correct
-    return CrossEntropyResult(loss_sum, num_correct, num_targets)
+        num_correct_top5 = num_correct_top5 + chunk_correct_top5
+    return CrossEntropyResult(loss_sum, num_correct, num_targets, num_correct_top5)
 
 
 def shift_targets(

@@ -38,7 +38,7 @@ from .architecture import (
 )
 from .config import CAFTConfig
 from .heads import build_heads
-from .loss import IGNORE_INDEX, CrossEntropyResult, chunked_cross_entropy, shift_targets
+from .loss import IGNORE_INDEX, CrossEntropyResult, chunked_cross_entropy, count_correct, shift_targets
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class CAFTOutput(ModelOutput):
     logits: torch.Tensor | None = None  # (B, T, V) next-token logits of the base model
     head_losses: torch.Tensor | None = None  # (n,) unweighted mean cross-entropy per head
     head_accuracies: torch.Tensor | None = None  # (n,) top-1 accuracy per head
+    head_top5_accuracies: torch.Tensor | None = None  # (n,) top-5 accuracy per head
     head_num_targets: torch.Tensor | None = None  # (n,) valid targets per head
     head_logits: list[torch.Tensor] | None = None  # n tensors (B, T, V), only on request
 
@@ -164,6 +165,7 @@ class CAFTModel(nn.Module):
         nan = torch.tensor(float("nan"), device=logits.device)
         losses = [nan] * num_heads
         accuracies = [nan] * num_heads
+        top5_accuracies = [nan] * num_heads
         counts = [torch.zeros((), dtype=torch.long, device=logits.device)] * num_heads
 
         if labels is not None:
@@ -173,6 +175,7 @@ class CAFTModel(nn.Module):
             else:
                 result = _next_token_cross_entropy(logits, labels, attention_mask)
             losses[0], accuracies[0], counts[0] = result.mean_loss(), result.accuracy(), result.num_targets
+            top5_accuracies[0] = result.top5_accuracy()
 
         aux_results: list[CrossEntropyResult] = []
         if run_heads:
@@ -188,6 +191,7 @@ class CAFTModel(nn.Module):
                     aux_results.append(result)
                     losses[index + 1] = result.mean_loss()
                     accuracies[index + 1] = result.accuracy().detach()
+                    top5_accuracies[index + 1] = result.top5_accuracy()
                     counts[index + 1] = result.num_targets
 
         loss = None
@@ -199,6 +203,7 @@ class CAFTModel(nn.Module):
             logits=logits,
             head_losses=torch.stack([value.float() for value in losses]) if labels is not None else None,
             head_accuracies=torch.stack(accuracies).detach() if labels is not None else None,
+            head_top5_accuracies=torch.stack(top5_accuracies).detach() if labels is not None else None,
             head_num_targets=torch.stack(counts) if labels is not None else None,
             head_logits=head_logits,
         )
@@ -287,8 +292,8 @@ def _next_token_cross_entropy(
     loss_sum = nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    num_correct = ((logits.argmax(dim=-1) == targets) & valid).sum()
-    return CrossEntropyResult(loss_sum, num_correct, valid.sum())
+    num_correct, num_correct_top5 = count_correct(logits[valid], targets[valid])
+    return CrossEntropyResult(loss_sum, num_correct, valid.sum(), num_correct_top5)
 
 
 def add_auxiliary_heads(model: nn.Module, config: CAFTConfig | None = None) -> CAFTModel:

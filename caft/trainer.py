@@ -7,7 +7,8 @@
 
 The subclass overrides `compute_loss` (the hook `Trainer` documents for custom losses) and adds
 per-head metrics to every log, so `report_to` integrations (TensorBoard, W&B, ...) receive
-`head{k}_loss` and `head{k}_acc` for the head predicting token t+k (k = 1 is the next-token head).
+`head{k}_loss`, `head{k}_acc` (top-1) and `head{k}_top5` for the head predicting token t+k
+(k = 1 is the next-token head).
 Checkpoints store the base model (or its LoRA adapter) and the heads, and resuming restores both.
 """
 
@@ -32,44 +33,40 @@ HEADS_SUBFOLDER = "heads"
 
 
 class HeadMetrics:
-    """Running sums of per-head loss, correct predictions and targets between two logs."""
+    """Running sums of per-head loss, correct top-1 and top-5 predictions and targets between two logs."""
+
+    # Rows of the (4, n) sums: loss x targets, top-1 hits, top-5 hits, targets.
+    NAMES = ("loss", "acc", "top5")
 
     def __init__(self) -> None:
-        self.loss_sum: torch.Tensor | None = None  # (n,) sum of loss x targets
-        self.correct: torch.Tensor | None = None  # (n,)
-        self.targets: torch.Tensor | None = None  # (n,)
+        self.sums: torch.Tensor | None = None  # (4, n)
 
-    def add(
-        self, head_losses: torch.Tensor, head_accuracies: torch.Tensor, head_targets: torch.Tensor
-    ) -> None:
-        counts = head_targets.detach().double()
+    def add(self, outputs) -> None:
+        """Add one batch's `CAFTOutput` (head_losses, head_accuracies, head_top5_accuracies, head_num_targets)."""
+        counts = outputs.head_num_targets.detach().double()
         # Heads that did not run hold NaN; they contribute nothing (count 0) rather than NaN.
-        ran = ~torch.isnan(head_losses.detach())
+        ran = ~torch.isnan(outputs.head_losses.detach())
         counts = torch.where(ran, counts, torch.zeros_like(counts))
-        losses = torch.nan_to_num(head_losses.detach().double()) * counts
-        correct = torch.nan_to_num(head_accuracies.detach().double()) * counts
-        if self.loss_sum is None:
-            self.loss_sum, self.correct, self.targets = losses, correct, counts
-        else:
-            self.loss_sum += losses
-            self.correct += correct
-            self.targets += counts
+        rows = [
+            torch.nan_to_num(values.detach().double()) * counts
+            for values in (outputs.head_losses, outputs.head_accuracies, outputs.head_top5_accuracies)
+        ]
+        batch = torch.stack(rows + [counts])  # (4, n)
+        self.sums = batch if self.sums is None else self.sums + batch
 
     def pop(self, reduce=None, prefix: str = "") -> dict[str, float]:
         """Return the means since the last call and reset; `reduce` sums across processes."""
-        if self.loss_sum is None:
+        if self.sums is None:
             return {}
-        totals = torch.stack([self.loss_sum, self.correct, self.targets])  # (3, n)
-        if reduce is not None:
-            totals = reduce(totals)
-        self.loss_sum = self.correct = self.targets = None
+        totals = self.sums if reduce is None else reduce(self.sums)
+        self.sums = None
         metrics: dict[str, float] = {}
         for index in range(totals.shape[1]):
-            count = totals[2, index].item()
+            count = totals[3, index].item()
             if count == 0:
                 continue
-            metrics[f"{prefix}head{index + 1}_loss"] = round(totals[0, index].item() / count, 6)
-            metrics[f"{prefix}head{index + 1}_acc"] = round(totals[1, index].item() / count, 6)
+            for row, name in enumerate(self.NAMES):
+                metrics[f"{prefix}head{index + 1}_{name}"] = round(totals[row, index].item() / count, 6)
         return metrics
 
 
@@ -137,7 +134,7 @@ class CAFTTrainer(Trainer):
             progress=self.training_progress(),
         )
         split = "train" if model.training else "eval"
-        self._head_metrics[split].add(outputs.head_losses, outputs.head_accuracies, outputs.head_num_targets)
+        self._head_metrics[split].add(outputs)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

@@ -145,6 +145,13 @@ def test_head_accuracy_matches_argmax():
         expected = (predictions == targets)[valid].float().mean()
         torch.testing.assert_close(output.head_accuracies[index], expected)
         assert output.head_num_targets[index] == valid.sum()
+        # Top-5: the target's logit is beaten by at most 4 others.
+        scores = logits[:, :-offset]
+        target_scores = scores.gather(-1, targets.clamp(min=0).unsqueeze(-1))
+        rank = (scores > target_scores).sum(-1)
+        expected_top5 = (rank < 5)[valid].float().mean()
+        torch.testing.assert_close(output.head_top5_accuracies[index], expected_top5)
+        assert output.head_top5_accuracies[index] >= output.head_accuracies[index]
 
 
 def test_heads_mode_loss_excludes_next_token():
