@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Subset
 
+from .baselines import baseline_accuracies
 from .config import STRUCTURE_FIELDS, CAFTConfig
 from .model import CAFTModel
 from .run_config import DTYPES, FinetuneConfig
@@ -149,8 +150,14 @@ def load_datasets(
 
 
 def training_arguments(
-    config: FinetuneConfig, phase: str, learning_rate: float, max_steps: int, has_eval: bool
+    config: FinetuneConfig,
+    phase: str,
+    learning_rate: float,
+    max_steps: int,
+    has_eval: bool,
+    keep_best: bool = False,
 ):
+    """Build TrainingArguments for one phase; `keep_best` ends on the checkpoint with the lowest eval loss."""
     from transformers import TrainingArguments
 
     report_to = [name.strip() for name in config.report_to.split(",") if name.strip() not in ("", "none")]
@@ -179,6 +186,15 @@ def training_arguments(
         use_cpu=not torch.cuda.is_available(),
         dataloader_pin_memory=torch.cuda.is_available(),
     )
+    periodic_eval = has_eval and bool(config.eval_steps)
+    if periodic_eval and (keep_best or config.early_stopping_patience):
+        # The best checkpoint can only be one that was evaluated, so save at every evaluation.
+        values.update(
+            load_best_model_at_end=True,
+            metric_for_best_model="eval_loss",
+            greater_is_better=False,
+            save_steps=config.eval_steps,
+        )
     values.update(config.trainer)
     return TrainingArguments(**values)
 
@@ -203,11 +219,21 @@ def run_phase(
     learning_rate: float,
     max_steps: int,
     train_heads: bool = False,
+    keep_best: bool = False,
 ) -> dict[str, Any]:
-    """Train one phase and return its log history and the evaluation before and after."""
+    """Train one phase and return its log history and the evaluation before and after.
+
+    With `keep_best` (or early stopping) and periodic evaluation, the phase ends on the checkpoint
+    with the lowest held-out loss, and "eval_after" measures that checkpoint.
+    """
+    from transformers import EarlyStoppingCallback
+
     from .trainer import CAFTTrainer
 
-    args = training_arguments(config, phase, learning_rate, max_steps, eval_dataset is not None)
+    args = training_arguments(config, phase, learning_rate, max_steps, eval_dataset is not None, keep_best)
+    callbacks = []
+    if config.early_stopping_patience and eval_dataset is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
     trainer = CAFTTrainer(
         model=caft_model,
         mode=mode,
@@ -217,6 +243,7 @@ def run_phase(
         eval_dataset=eval_dataset,
         data_collator=collator,
         processing_class=tokenizer,
+        callbacks=callbacks,
     )
     resume_from = latest_checkpoint(Path(args.output_dir)) if config.resume else None
     result: dict[str, Any] = {"mode": mode, "eval_rows": len(eval_dataset) if eval_dataset is not None else 0}
@@ -234,6 +261,8 @@ def run_phase(
         logger.info("Evaluating after phase %r", phase)
         result["eval_after"] = trainer.evaluate()
     result["log_history"] = trainer.state.log_history
+    if trainer.state.best_model_checkpoint:
+        result["best_checkpoint"] = trainer.state.best_model_checkpoint
     return result
 
 
@@ -389,6 +418,11 @@ def run_train_heads(config: FinetuneConfig, caft_config: CAFTConfig) -> RunResul
         raise ValueError("num_aux_heads is 0: there are no heads to train")
     model, tokenizer, chat_template, train, evaluation, stats, collator = _prepare(config)
     caft_model = attach_heads(model, config, caft_config)
+    if evaluation is None:
+        logger.warning(
+            "No held-out split: per-head accuracy before and after training is not measured. "
+            "Set eval_rows or eval_data"
+        )
     phases = {
         "heads": run_phase(
             caft_model,
@@ -401,9 +435,49 @@ def run_train_heads(config: FinetuneConfig, caft_config: CAFTConfig) -> RunResul
             tokenizer,
             learning_rate=config.head_learning_rate,
             max_steps=_head_phase_steps(config),
+            keep_best=True,
         )
     }
-    return _write_outputs(caft_model, config, phases, stats, tokenizer, chat_template, export=False)
+    extra = held_out_head_metrics(phases["heads"], len(caft_model.heads))
+    if evaluation is not None:
+        vocab_size = caft_model.base_model.get_output_embeddings().weight.shape[0]
+        offsets = list(range(2, len(caft_model.heads) + 2))
+        extra["baseline"] = baseline_accuracies(train, evaluation, offsets, vocab_size)
+        _log_head_accuracies(extra)
+    return _write_outputs(
+        caft_model, config, phases, stats, tokenizer, chat_template, export=False, extra_metrics=extra
+    )
+
+
+def held_out_head_metrics(phase: dict[str, Any], num_heads: int) -> dict[str, Any]:
+    """Collect held-out top-1, top-5 and loss per auxiliary head (head 2 first) before and after training.
+
+    Returns {"initial": {...}, "final": {...}}, each with lists "top1", "top5" and "loss"; a key is
+    missing when that evaluation did not run.
+    """
+    metrics: dict[str, Any] = {}
+    for key, evaluation in (("initial", phase.get("eval_before")), ("final", phase.get("eval_after"))):
+        if not evaluation:
+            continue
+        metrics[key] = {
+            name: [evaluation.get(f"eval_head{k}_{suffix}") for k in range(2, num_heads + 2)]
+            for name, suffix in (("top1", "acc"), ("top5", "top5"), ("loss", "loss"))
+        }
+    return metrics
+
+
+def _log_head_accuracies(metrics: dict[str, Any]) -> None:
+    baseline = metrics["baseline"]
+    for index, offset in enumerate(baseline["offsets"]):
+        initial = metrics.get("initial", {}).get("top1")
+        final = metrics.get("final", {}).get("top1")
+        logger.info(
+            "Head t+%d held-out top-1: initial %s, final %s, skip-bigram baseline %.4f",
+            offset,
+            "n/a" if initial is None else f"{initial[index]:.4f}",
+            "n/a" if final is None else f"{final[index]:.4f}",
+            baseline["skip_bigram_top1"][index],
+        )
 
 
 def _write_outputs(
@@ -414,6 +488,7 @@ def _write_outputs(
     tokenizer,
     chat_template: str,
     export: bool,
+    extra_metrics: dict[str, Any] | None = None,
 ) -> RunResult:
     """Save the heads, the exported model (when `export`) and metrics.json, from the main process only."""
     output_dir = Path(config.output_dir)
@@ -426,6 +501,7 @@ def _write_outputs(
         "data": stats,
         "phases": phases,
         "summary": summary,
+        **(extra_metrics or {}),
     }
     metrics_path = output_dir / "metrics.json"
     # Under `accelerate launch` every process reaches this point with the same weights, and one

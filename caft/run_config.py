@@ -147,6 +147,13 @@ class FinetuneConfig:
     eval_steps: int | None = field(
         default=None, metadata={"help": "Evaluate every N steps (default: only before and after)."}
     )
+    early_stopping_patience: int = field(
+        default=0,
+        metadata={
+            "help": "Stop after this many evaluations without a lower held-out loss, and keep the best "
+            "checkpoint (evaluations; 0 disables; needs eval_steps and evaluation data)."
+        },
+    )
     save_steps: int = field(default=500, metadata={"help": "Write a resumable checkpoint every N steps."})
     save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept per phase."})
     gradient_checkpointing: bool = field(
@@ -190,6 +197,12 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if (self.prompt_field is None) != (self.completion_field is None):
             raise ValueError("prompt_field and completion_field must be given together")
+        if self.early_stopping_patience < 0:
+            raise ValueError(f"early_stopping_patience must be >= 0, got {self.early_stopping_patience}")
+        if self.early_stopping_patience and not self.eval_steps:
+            raise ValueError("early_stopping_patience needs eval_steps: set how often to evaluate")
+        if self.early_stopping_patience and not (self.eval_data or self.eval_rows):
+            raise ValueError("early_stopping_patience needs evaluation data: set eval_data or eval_rows")
         if not isinstance(self.trainer, dict):
             raise ValueError(f"trainer must be a mapping of TrainingArguments, got {self.trainer!r}")
         self._check_trainer_arguments()

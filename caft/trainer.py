@@ -169,8 +169,11 @@ class CAFTTrainer(Trainer):
             return
         os.makedirs(output_dir, exist_ok=True)
         caft_model = self.accelerator.unwrap_model(self.model)
-        # A PeftModel saves only its adapter; a plain model saves its full weights.
-        caft_model.model.save_pretrained(output_dir)
+        # In "heads" mode the base model is frozen, so its weights never change and a checkpoint
+        # needs only the heads (an 8B base would otherwise cost 16 GB per checkpoint). Otherwise a
+        # PeftModel saves only its adapter and a plain model its full weights.
+        if self.mode != "heads":
+            caft_model.model.save_pretrained(output_dir)
         save_heads(caft_model, Path(output_dir) / HEADS_SUBFOLDER)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
@@ -184,10 +187,13 @@ class CAFTTrainer(Trainer):
                 f"{checkpoint} is not a CAFT checkpoint: it has no {HEADS_SUBFOLDER}/ folder "
                 "(checkpoints written by CAFTTrainer have one)"
             )
-        load_base_checkpoint(caft_model, checkpoint)
+        if self.mode != "heads":
+            load_base_checkpoint(caft_model, checkpoint)
         # Same run, same base: the identity check of load_heads has nothing to add here.
         load_heads(caft_model, checkpoint / HEADS_SUBFOLDER, allow_other_base=True)
-        logger.info("Restored base model and heads from %s", checkpoint)
+        logger.info(
+            "Restored %s from %s", "heads" if self.mode == "heads" else "base model and heads", checkpoint
+        )
 
     def _load_best_model(self) -> None:
         logger.info("Loading best model from %s", self.state.best_model_checkpoint)

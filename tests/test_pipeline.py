@@ -121,3 +121,84 @@ def test_untrained_heads_warned(caplog):
         _warn_about_untrained_heads(FinetuneConfig(model="m", data="d", head_train_steps=5))
         _warn_about_untrained_heads(FinetuneConfig(model="m", data="d", mode="ntp"))
     assert caplog.text == ""
+
+
+@pytest.mark.slow
+def test_train_heads_keeps_best_and_reports_baseline(tmp_path, assets, stories_model_dir):
+    output_dir = tmp_path / "best"
+    status = main(
+        [
+            "train-heads",
+            "--model",
+            str(stories_model_dir),
+            "--data",
+            str(assets / "data" / "instruct" / "alpaca-demo" / "alpaca_en_demo.json"),
+            "--max-rows",
+            "120",
+            "--eval-rows",
+            "24",
+            "--max-length",
+            "256",
+            "--num-aux-heads",
+            "2",
+            "--head-train-steps",
+            "12",
+            "--eval-steps",
+            "4",
+            "--early-stopping-patience",
+            "2",
+            "--head-learning-rate",
+            "0.003",
+            "--output-dir",
+            str(output_dir),
+        ]
+    )
+    assert status == 0
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    for key in ("initial", "final"):
+        assert len(metrics[key]["top1"]) == 2  # heads t+2 and t+3
+        assert all(top5 >= top1 for top1, top5 in zip(metrics[key]["top1"], metrics[key]["top5"]))
+    assert metrics["baseline"]["offsets"] == [2, 3]
+    assert len(metrics["baseline"]["skip_bigram_top1"]) == 2
+
+    # The kept heads are the evaluated checkpoint with the lowest held-out loss.
+    phase = metrics["phases"]["heads"]
+    evaluations = [entry for entry in phase["log_history"] if "eval_loss" in entry]
+    best = min(evaluations, key=lambda entry: entry["eval_loss"])
+    assert phase["best_checkpoint"].endswith(f"checkpoint-{best['step']}")
+    assert phase["eval_after"]["eval_loss"] == pytest.approx(best["eval_loss"], rel=1e-5)
+    assert metrics["final"]["loss"][0] == pytest.approx(best["eval_head2_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_train_heads_stops_early_without_improvement(tmp_path, assets, stories_model_dir):
+    output_dir = tmp_path / "early"
+    argv = [
+        "train-heads",
+        "--model",
+        str(stories_model_dir),
+        "--data",
+        str(assets / "data" / "instruct" / "alpaca-demo" / "alpaca_en_demo.json"),
+        "--max-rows",
+        "80",
+        "--eval-rows",
+        "16",
+        "--max-length",
+        "128",
+        "--num-aux-heads",
+        "1",
+        "--head-train-steps",
+        "20",
+        "--eval-steps",
+        "2",
+        "--early-stopping-patience",
+        "1",
+        "--head-learning-rate",
+        "0",  # the held-out loss never improves
+        "--output-dir",
+        str(output_dir),
+    ]
+    assert main(argv) == 0
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    steps = [entry["step"] for entry in metrics["phases"]["heads"]["log_history"] if "eval_loss" in entry]
+    assert max(steps) == 4  # best at step 2, no improvement at step 4, patience 1

@@ -219,3 +219,13 @@ def test_lora_never_enters_heads():
     assert not any(
         "lora_" in name for name, _ in caft_model.base_model.get_output_embeddings().named_parameters()
     )
+
+
+def test_heads_mode_checkpoint_holds_only_heads(tmp_path):
+    trainer = CAFTTrainer(
+        model=_model(), mode="heads", args=_args(tmp_path, max_steps=2), train_dataset=_rows()
+    )
+    trainer.train()
+    checkpoint = tmp_path / "checkpoint-2"
+    assert (checkpoint / "heads" / "heads.safetensors").is_file()
+    assert not (checkpoint / "model.safetensors").exists()  # the frozen base is not copied
