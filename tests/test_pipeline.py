@@ -81,6 +81,9 @@ def test_train_heads_job_on_stories(tmp_path, assets, stories_model_dir):
     phase = metrics["phases"]["heads"]
     for k in (2, 3):
         assert phase["eval_after"][f"eval_head{k}_loss"] < phase["eval_before"][f"eval_head{k}_loss"]
+    # Held-out top-1 of every head rises above its copy-initialised value.
+    for initial, final in zip(metrics["initial"]["top1"], metrics["final"]["top1"]):
+        assert final > initial
     # The trunk is frozen: the next-token loss does not move.
     assert phase["eval_after"]["eval_head1_loss"] == pytest.approx(
         phase["eval_before"]["eval_head1_loss"], rel=1e-6
