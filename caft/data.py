@@ -224,12 +224,16 @@ def _alpaca_messages(row: dict[str, Any], source: str) -> list[dict[str, str]]:
     """Convert an Alpaca row. The user turn is the instruction, then a blank line and the input if any."""
     instruction = _string_field(row, "instruction", source)
     output = _string_field(row, "output", source)
-    extra_input = row.get("input") or ""
+    user_content = _instruction_with_input(instruction, row.get("input"), source)
+    return [{"role": "user", "content": user_content}, {"role": "assistant", "content": output}]
+
+
+def _instruction_with_input(instruction: str, extra_input: Any, source: str) -> str:
+    """Join an instruction and its optional input into one user turn, separated by a blank line."""
+    extra_input = extra_input or ""
     if not isinstance(extra_input, str):
         raise DataError(f"{source}: field 'input' must be a string, got {type(extra_input).__name__}")
-
-    user_content = instruction + "\n\n" + extra_input if extra_input.strip() else instruction
-    return [{"role": "user", "content": user_content}, {"role": "assistant", "content": output}]
+    return instruction + "\n\n" + extra_input if extra_input.strip() else instruction
 
 
 def _prompt_completion_messages(row: dict[str, Any], source: str) -> list[dict[str, str]]:
@@ -269,6 +273,113 @@ def _check_messages(messages: list[dict[str, str]], source: str) -> None:
                 f"{source}: message {index} (0-based) is an empty assistant turn. "
                 "Remove the row or give the turn its text"
             )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading rows as prompts, for generating answers
+# ---------------------------------------------------------------------------------------------------
+
+# Listed in the error for a prompt row of no known shape.
+_ACCEPTED_PROMPT_SHAPES = (
+    '{"conversation": [...]} or {"messages": [...]} (assistant messages are dropped), '
+    '{"instruction": ..., "input": ... (optional), "output": ... (optional)}, '
+    '{"prompt": ..., "completion": ... (optional)}, MT-bench {"turns": [...]}, '
+    'or self-instruct {"instruction": ..., "instances": [{"input": ..., "output": ...}, ...]}'
+)
+
+
+def load_prompts(path: str | os.PathLike[str], max_rows: int | None = None) -> list[Conversation]:
+    """Read a JSON array or JSON Lines file of prompts: the system and user messages of each row.
+
+    Rows may have any shape that load_conversations accepts, with the answers optional and dropped
+    (assistant messages, Alpaca "output", "completion"), or one of two prompt-only shapes:
+
+    - MT-bench {"turns": [text, ...]}: one user message per turn;
+    - self-instruct seed tasks {"instruction", "instances": [{"input", "output"}, ...]}: one user
+      message joined from the instruction and the first instance's input, as for an Alpaca row.
+
+    Every user message is a turn to answer, so a conversation that had answers gets a new answer after
+    each of its user messages. `max_rows` stops reading after that many rows. Raises DataError for a
+    missing or empty file, invalid JSON, a row of no known shape and a row without a user message.
+    """
+    if max_rows is not None and max_rows < 1:
+        raise DataError(f"max_rows must be a positive number of rows or None, got {max_rows!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: prompt file not found. Check the path")
+
+    prompts = []
+    for source, row in _read_rows(path, max_rows):
+        messages = _row_to_prompt_messages(row, source)
+        if not any(message["role"] == "user" for message in messages):
+            raise DataError(f"{source}: the row has no user message, so there is no prompt to answer")
+        prompts.append(Conversation(messages=messages, source=source))
+
+    if not prompts:
+        raise DataError(
+            f"{path}: the file contains no prompts. Write one JSON object per line, or a JSON array of objects"
+        )
+    return prompts
+
+
+def _row_to_prompt_messages(row: Any, source: str) -> list[dict[str, str]]:
+    """Convert one prompt row of any accepted shape to its system and user messages."""
+    if not isinstance(row, dict):
+        raise DataError(f"{source}: expected a JSON object as the row, got {type(row).__name__}")
+
+    if "conversation" in row:
+        messages = _message_list(row["conversation"], "conversation", _CONVERSATION_ROLES, source)
+    elif "messages" in row:
+        messages = _message_list(row["messages"], "messages", _MESSAGES_ROLES, source)
+    elif "turns" in row:
+        messages = _mt_bench_messages(row["turns"], source)
+    elif "instruction" in row and "instances" in row:
+        messages = _self_instruct_messages(row, source)
+    elif "instruction" in row:
+        instruction = _string_field(row, "instruction", source)
+        messages = [
+            {"role": "user", "content": _instruction_with_input(instruction, row.get("input"), source)}
+        ]
+    elif "prompt" in row:
+        messages = _prompt_messages(row["prompt"], source)
+    else:
+        raise DataError(
+            f"{source}: the row matches no accepted prompt shape (its fields: "
+            f"{', '.join(sorted(row)) or 'none'}). Accepted shapes: {_ACCEPTED_PROMPT_SHAPES}"
+        )
+    return [message for message in messages if message["role"] != "assistant"]
+
+
+def _mt_bench_messages(turns: Any, source: str) -> list[dict[str, str]]:
+    if not isinstance(turns, list) or not turns or not all(isinstance(turn, str) for turn in turns):
+        raise DataError(f"{source}: field 'turns' must be a non-empty list of strings (the user turns)")
+    return [{"role": "user", "content": turn} for turn in turns]
+
+
+def _self_instruct_messages(row: dict[str, Any], source: str) -> list[dict[str, str]]:
+    """Convert a self-instruct seed task. Only the first instance's input is used, as Alpaca's input."""
+    instruction = _string_field(row, "instruction", source)
+    instances = row["instances"]
+    if not isinstance(instances, list):
+        raise DataError(f"{source}: field 'instances' must be a list, got {type(instances).__name__}")
+    extra_input = None
+    if instances:
+        if not isinstance(instances[0], dict):
+            raise DataError(
+                f"{source}: instances[0] must be an object with an 'input' field, got {instances[0]!r}"
+            )
+        extra_input = instances[0].get("input")
+    return [{"role": "user", "content": _instruction_with_input(instruction, extra_input, source)}]
+
+
+def _prompt_messages(prompt: Any, source: str) -> list[dict[str, str]]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list):
+        return _message_list(prompt, "prompt", _MESSAGES_ROLES, source)
+    raise DataError(
+        f"{source}: field 'prompt' must be a string or a list of messages, got {type(prompt).__name__}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
