@@ -202,3 +202,63 @@ def test_two_processes_with_accelerate(tmp_path, assets, stories_model_dir):
     assert len(logs) == 3
     assert "head5_acc" in logs[0]
     AutoModelForCausalLM.from_pretrained(output_dir / "model")
+
+
+def test_distill_train_heads_finetune_chain(tmp_path, assets, stories_model_dir):
+    # The whole head pipeline on the real model: the model answers prompts, heads learn from those
+    # answers with the model frozen, and fine-tuning starts from those heads.
+    distilled = tmp_path / "distill.jsonl"
+    prompts = assets / "data" / "instruct" / "alpaca-demo" / "alpaca_en_demo.json"
+    distill_argv = [
+        "distill",
+        "--model",
+        str(stories_model_dir),
+        "--prompts",
+        f"{prompts}:1",
+        "--num-prompts",
+        "40",
+        "--max-new-tokens",
+        "48",
+        "--batch-size",
+        "20",
+        "--output",
+        str(distilled),
+    ]
+    assert main(distill_argv) == 0
+    heads_argv = [
+        "train-heads",
+        "--model",
+        str(stories_model_dir),
+        "--data",
+        str(distilled),
+        "--eval-rows",
+        "8",
+        "--num-aux-heads",
+        "2",
+        "--head-train-steps",
+        "8",
+        "--output-dir",
+        str(tmp_path / "heads-run"),
+    ]
+    assert main(heads_argv) == 0
+    heads_metrics = json.loads((tmp_path / "heads-run" / "metrics.json").read_text())
+    assert heads_metrics["final"]["loss"][0] < heads_metrics["initial"]["loss"][0]
+
+    finetune_argv = _argv(
+        tmp_path / "ft",
+        [
+            "--heads",
+            str(tmp_path / "heads-run" / "heads"),
+            "--head-train-steps",
+            "0",
+            "--max-steps",
+            "4",
+            "--decay",
+            "0.5",
+        ],
+    )
+    assert main(finetune_argv) == 0
+    metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert metrics["caft_config"]["num_aux_heads"] == 2  # from the loaded heads
+    assert metrics["caft_config"]["decay"] == 0.5  # from this run
+    assert "heads" not in metrics["phases"]
