@@ -281,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_heads.set_defaults(handler=command_train_heads)
 
     add_heads_commands(commands)
+    from .bench import add_bench_command
+
+    add_bench_command(commands)
     from .distill import add_distill_command
 
     add_distill_command(commands)
