@@ -255,7 +255,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [header, "-" * len(header)]
     for row in summary["rows"]:
         lines.append(
-            f"{row['head']:>4}  {row['predicts']:<17} {row['weight']:>7.4g}  "
+            f"{row['head']:>4}  {row['predicts']:<17} {row['weight']:>7.3g}  "
             f"{number(row['loss_start']):>10} {number(row['loss_end']):>9}  "
             f"{number(row['acc_start']):>9} {number(row['acc_end']):>8}"
         )
