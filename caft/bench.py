@@ -42,7 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -945,7 +945,12 @@ def add_bench_command(commands) -> None:
 
 
 def command_bench(args: argparse.Namespace) -> int:
-    preset_name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    if args.smoke:
+        preset_name = "smoke"
+    elif args.quick:
+        preset_name = "quick"
+    else:
+        preset_name = "full"
     preset = PRESETS[preset_name]
     configs = select_configs(preset, args.configs)
     repeats = args.repeats if args.repeats is not None else preset.repeats

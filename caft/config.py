@@ -128,7 +128,7 @@ class CAFTConfig:
         return [scale * self.decay ** (k - 1) for k in range(2, self.num_aux_heads + 2)]
 
     def same_structure(self, other: "CAFTConfig") -> bool:
-        """Whether heads built from `self` and from `other` have the same parameters."""
+        """Check whether heads built from `self` and from `other` have the same parameters."""
         return all(getattr(self, name) == getattr(other, name) for name in STRUCTURE_FIELDS)
 
     def with_loss_settings_of(self, other: "CAFTConfig") -> "CAFTConfig":

@@ -42,7 +42,7 @@ class HeadsMismatchError(ValueError):
 
 
 def describe_base_model(model: nn.Module) -> dict[str, Any]:
-    """The identity of a base model as recorded beside its heads."""
+    """Describe a base model's identity (name, architecture, shapes) as recorded beside its heads."""
     base = unwrap_model(model)
     config = text_config(base)
     architectures = getattr(base.config, "architectures", None) or [type(base).__name__]

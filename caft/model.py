@@ -292,7 +292,9 @@ def _next_token_cross_entropy(
     loss_sum = nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    num_correct, num_correct_top5 = count_correct(logits[valid], targets[valid])
+    # No boolean indexing here: `logits[valid]` would copy the (N, V) fp32 logits. A target of -100
+    # never equals a predicted token id, so ignored positions count as misses by themselves.
+    num_correct, num_correct_top5 = count_correct(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
     return CrossEntropyResult(loss_sum, num_correct, valid.sum(), num_correct_top5)
 
 
