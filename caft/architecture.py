@@ -201,7 +201,7 @@ def _bind_call(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[str, torch.
 def capture_layer_call(layer: nn.Module, keep_output: bool) -> Iterator[list[LayerCall]]:
     """Record the next call of `layer` while the context is open.
 
-    Yields a list that holds one `LayerCall` after the model's forward. If the layer runs more
+    Yields a list that contains one `LayerCall` after the model's forward. If the layer runs more
     than once (it should not), the last call wins.
     """
     calls: list[LayerCall] = []

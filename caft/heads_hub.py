@@ -1,7 +1,7 @@
 """Share heads folders: describe them (`caft heads info`) and upload them (`caft heads push`).
 
 Heads are trained once per base model, so a team or the public can reuse them. A pushed
-repository holds the two files of the heads format plus a generated model card (README.md) that
+repository contains the two files of the heads format plus a generated model card (README.md) that
 names the base model and the settings; `caft finetune --heads OWNER/NAME` downloads it again.
 """
 

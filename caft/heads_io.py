@@ -8,7 +8,7 @@ travel as a small folder of their own:
       heads_config.json   {"format_version", "caft_version", "caft_config", "base_model": {...}}
 
 `base_model` records the base model's name, architecture, hidden size, vocabulary size and layer
-count. Loading refuses heads whose base differs, and the error names both models.
+count. Loading rejects heads whose base differs, and the error names both models.
 """
 
 from __future__ import annotations
