@@ -1,0 +1,36 @@
+"""What every task scorer takes and returns.
+
+A scorer compares completions with a task's reference rows and returns headline metrics plus
+one result per sample, so that `caft compare` can bootstrap over test rows.
+
+Inputs, shared by every scorer:
+- `references`: the task's test rows, as read from its data file, each with an added `"id"` (str).
+- `completions`: aligned with `references`; for each row a list of one or more generated strings
+  (more than one when sampling n answers per prompt, as pass@k needs).
+- `train_references` (optional): training rows of the same task, for novelty metrics.
+
+Example:
+    result = score_gsm8k(references, [["... #### 18"], ["42"]])
+    result.metrics["accuracy"]       # 0.5
+    result.samples[0]["correct"]     # True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ScoreResult:
+    """Headline metrics (one float per key) and per-sample results aligned with the references."""
+
+    metrics: dict[str, float]
+    samples: list[dict[str, Any]]
+    # Metrics per sample that average to a headline metric: {headline name: per-sample key}.
+    # `caft compare` bootstraps these over test rows; the other headline metrics are corpus-level.
+    per_sample_metrics: dict[str, str] = field(default_factory=dict)
+
+
+class ScoringError(ValueError):
+    """Raised for inputs a scorer cannot score, with a message that names the row and what to do."""
