@@ -287,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .distill import add_distill_command
 
     add_distill_command(commands)
+    from .eval_cli import add_eval_commands
+
+    add_eval_commands(commands)
+    from .compare import add_compare_command
+
+    add_compare_command(commands)
     return parser
 
 
