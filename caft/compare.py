@@ -149,7 +149,7 @@ def _claim_output_dir(config: CompareConfig) -> None:
     """Record the settings, or check them against the comparison already in the folder."""
     output_dir = Path(config.output_dir)
     record = output_dir / "compare_config.json"
-    current = asdict(config)
+    current = portable_settings(config)
     if record.is_file():
         earlier = json.loads(record.read_text(encoding="utf-8"))
         # Adding seeds extends a comparison; any other change would mix runs of different settings.
@@ -161,6 +161,24 @@ def _claim_output_dir(config: CompareConfig) -> None:
             )
     output_dir.mkdir(parents=True, exist_ok=True)
     _write_json(record, current)
+
+
+def portable_settings(config: CompareConfig) -> dict[str, Any]:
+    """The settings with the assets folder written as ${CAFT_ASSETS}, so records compare across machines."""
+    from .assets import assets_dir
+
+    prefix = str(assets_dir())
+
+    def portable(value: Any) -> Any:
+        if isinstance(value, str):
+            return value.replace(prefix, "${CAFT_ASSETS}")
+        if isinstance(value, dict):
+            return {key: portable(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [portable(item) for item in value]
+        return value
+
+    return portable(asdict(config))
 
 
 def _prepared_data(config: CompareConfig) -> tuple[str, str]:
@@ -339,7 +357,7 @@ def _format(value: float) -> str:
 
 def markdown_table(config: CompareConfig, rows: list[dict[str, Any]]) -> str:
     lines = [
-        f"Task `{config.task}`, model `{config.model}`, seeds {config.seeds}. Mean ± sd over seeds; the "
+        f"Task `{config.task}`, model `{portable_settings(config)['model']}`, seeds {config.seeds}. Mean ± sd over seeds; the "
         "difference is CAFT − NTP with its 95% paired bootstrap interval (over seeds, and over test rows "
         "where the metric is defined per row).",
         "",
@@ -447,7 +465,7 @@ def write_report(config: CompareConfig) -> dict[str, Any]:
     table = markdown_table(config, rows)
     (output_dir / "results.md").write_text(table, encoding="utf-8")
     content = {
-        "config": asdict(config),
+        "config": portable_settings(config),
         "summary": rows,
         "runs": [
             {"method": method, "mode": mode, "seed": seed, "metrics": _run_metrics(run["eval"])}
