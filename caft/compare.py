@@ -111,7 +111,12 @@ class CompareConfig:
             unknown = set(settings) - {item.name for item in fields(FinetuneConfig)}
             if unknown:
                 raise ValueError(f"method_settings.{method}: unknown options {sorted(unknown)}")
-        CAFTConfig(**self.caft)  # rejects unknown or invalid head settings now
+        unknown = set(self.caft) - {item.name for item in fields(CAFTConfig)}
+        if unknown:
+            raise ValueError(
+                f"caft: unknown options {sorted(unknown)}; accepted: {[item.name for item in fields(CAFTConfig)]}"
+            )
+        CAFTConfig(**self.caft)  # rejects invalid head settings now
         accepted_eval = {item.name for item in fields(EvalOptions)} - {"model", "task", "data", "output"}
         unknown = set(self.eval) - accepted_eval
         if unknown:
