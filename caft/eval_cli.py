@@ -67,11 +67,13 @@ def command_tasks_prepare(args: argparse.Namespace) -> int:
     for path in written:
         count = sum(1 for _ in path.open(encoding="utf-8"))
         print(f"{path}: {count} rows")
-    if any(split.dropped_long.values()):
+    if split.dropped.get("train") or split.dropped.get("test"):
         print(
             f"dropped for prompts over {args.max_prompt_chars} characters: "
-            f"{split.dropped_long['train']} train, {split.dropped_long['test']} test rows"
+            f"{split.dropped['train']} train, {split.dropped['test']} test rows"
         )
+    if split.dropped["train_duplicates_of_test"]:
+        print(f"dropped {split.dropped['train_duplicates_of_test']} training rows identical to a test row")
     if not split.train:
         print(f"{task.name} has no training split; train on another file of the same family")
     return 0

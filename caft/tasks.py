@@ -167,7 +167,7 @@ TASKS: dict[str, Task] = {
             name="cfp-gen",
             family="proteins",
             description="CFP-Gen function-guided protein design: alphabet, length, identity by global "
-            "alignment. One file (260 rows), split into 100 test rows and 160 for training.",
+            "alignment. One file (260 rows), split into 100 test rows and 159 for training (a copy of a test row is dropped).",
             id_field=None,
             prompt=_cfp_gen_prompt,
             target=lambda row: row["reference"],
@@ -285,7 +285,7 @@ class PreparedSplit:
 
     train: list[dict[str, Any]]
     test: list[dict[str, Any]]
-    dropped_long: dict[str, int]
+    dropped: dict[str, int]  # rows dropped per split for long prompts, and training copies of test rows
 
 
 def _prepared_row(task: Task, row: dict[str, Any]) -> dict[str, Any]:
@@ -339,7 +339,15 @@ def prepare_task(
     else:
         train_all = []
 
-    dropped = {}
+    # A training row identical to a test row (same prompt and answer) would leak the test answer.
+    # CFP-Gen lists one protein twice, so its fixed split drops that copy from training.
+    test_pairs = {(task.prompt(row), task.target(row)) for row in test_all}
+    duplicates = [row for row in train_all if (task.prompt(row), task.target(row)) in test_pairs]
+    if duplicates:
+        logger.info("%s: %d training rows equal a test row and are dropped", task.name, len(duplicates))
+        train_all = [row for row in train_all if (task.prompt(row), task.target(row)) not in test_pairs]
+
+    dropped = {"train_duplicates_of_test": len(duplicates)}
     splits = {}
     for name, rows, limit in (("train", train_all, train_rows), ("test", test_all, test_rows)):
         kept = rows
@@ -358,7 +366,7 @@ def prepare_task(
             f"task {task.name!r}: the test split is empty"
             + (f" after dropping prompts over {max_prompt_chars} characters" if max_prompt_chars else "")
         )
-    return PreparedSplit(train=splits["train"], test=splits["test"], dropped_long=dropped)
+    return PreparedSplit(train=splits["train"], test=splits["test"], dropped=dropped)
 
 
 def write_jsonl(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
