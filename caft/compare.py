@@ -1,6 +1,6 @@
 """`caft compare`: next-token against CAFT fine-tuning, LoRA and full, over several seeds.
 
-Every run starts from the same base model and sees the same training rows in the same order for a
+Every run starts from the same base model and trains on the same rows in the same order for a
 given seed, with the same number of optimizer steps and batch size; only the loss differs. All CAFT
 runs share one set of heads, trained once on the frozen base model (or loaded with `heads`), as the
 method prescribes. Each run is then scored on the same test rows with `caft eval`.
@@ -161,7 +161,7 @@ def _claim_output_dir(config: CompareConfig) -> None:
         differences = sorted(key for key in current if key != "seeds" and earlier.get(key) != current[key])
         if differences:
             raise ValueError(
-                f"{output_dir} holds a comparison with other settings ({', '.join(differences)} differ). "
+                f"{output_dir} contains a comparison with other settings ({', '.join(differences)} differ). "
                 "Use another output_dir, or delete the folder to start over"
             )
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -169,7 +169,7 @@ def _claim_output_dir(config: CompareConfig) -> None:
 
 
 def portable_settings(config: CompareConfig) -> dict[str, Any]:
-    """The settings with the assets folder written as ${CAFT_ASSETS}, so records compare across machines."""
+    """Return the settings with the assets folder written as ${CAFT_ASSETS}, so records compare across machines."""
     from .assets import assets_dir
 
     prefix = str(assets_dir())
@@ -321,7 +321,7 @@ def _per_row(report: dict[str, Any], metric: str) -> np.ndarray | None:
 
 
 def summarise(config: CompareConfig, runs: dict[tuple[str, str, int], dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (method, metric): mean ± sd per mode and the paired CAFT − NTP difference."""
+    """Summarise each (method, metric): mean ± sd per mode and the paired CAFT − NTP difference."""
     rows = []
     for method in config.methods:
         seeds = [seed for seed in config.seeds if all((method, mode, seed) in runs for mode in config.modes)]

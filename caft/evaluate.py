@@ -80,7 +80,7 @@ class EvalOptions:
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
         if self.num_samples > 1 and not self.do_sample:
-            raise ValueError("num_samples > 1 needs do_sample: greedy decoding gives the same answer each time")
+            raise ValueError("num_samples > 1 needs do_sample: greedy decoding returns the same completion each time")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
 
@@ -135,7 +135,7 @@ def generate_answers(
         )
 
     jobs = [(index, sample) for index in range(len(encoded)) for sample in range(num_samples)]
-    jobs.sort(key=lambda job: -len(encoded[job[0]]))  # longest first: similar lengths share a batch
+    jobs.sort(key=lambda job: -len(encoded[job[0]]))  # longest prompts first, so that prompts of similar length share a batch
     answers: list[list[str]] = [[""] * num_samples for _ in encoded]
     cut = 0
     batches = range(0, len(jobs), batch_size)

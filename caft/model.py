@@ -54,7 +54,7 @@ class CAFTOutput(ModelOutput):
     """
 
     loss: torch.Tensor | None = None  # weighted total that the mode trains on
-    logits: torch.Tensor | None = None  # (B, T, V) next-token logits of the base model
+    logits: torch.Tensor | None = None  # (B, T, V) next-token logits; (B, 1, V) with return_logits=False
     head_losses: torch.Tensor | None = None  # (n,) unweighted mean cross-entropy per head
     head_accuracies: torch.Tensor | None = None  # (n,) top-1 accuracy per head
     head_top5_accuracies: torch.Tensor | None = None  # (n,) top-5 accuracy per head
@@ -116,6 +116,7 @@ class CAFTModel(nn.Module):
         mode: str = "caft",
         progress: float = 0.0,
         return_head_logits: bool = False,
+        return_logits: bool = True,
         **kwargs: Any,
     ) -> CAFTOutput:
         """Run the base model and, unless `mode` is "ntp", the auxiliary heads.
@@ -131,6 +132,10 @@ class CAFTModel(nn.Module):
             progress: training progress t / T in [0, 1], for the schedule s.
             return_head_logits: also return each auxiliary head's full (B, T, V) logits. For
                 tests and debugging only: this is the memory cost the chunked loss avoids.
+            return_logits: return the base model's full (B, T, V) next-token logits. With False
+                (what `CAFTTrainer` passes) in "caft" mode, the next-token loss is computed in
+                chunks from the last layer's output like the heads' losses, and `.logits` holds
+                only the last position, (B, 1, V). The loss is the same up to float rounding.
             kwargs: passed to the base model (for example `position_ids`).
         """
         if mode not in MODES:
@@ -139,14 +144,18 @@ class CAFTModel(nn.Module):
         num_heads = len(self.heads) + 1
 
         kwargs["use_cache"] = False
-        if mode == "heads" and labels is not None and "logits_to_keep" in self._forward_parameters:
-            # The next-token loss is taken from the last layer's output below, in chunks, so the
-            # base model need not build its (B, T, V) logits.
+        can_skip_logits = labels is not None and "logits_to_keep" in self._forward_parameters
+        # In "heads" mode, and in "caft" mode when the caller needs no logits, the next-token loss
+        # is taken from the last layer's output below, in chunks, so the base model need not build
+        # its (B, T, V) logits. Full fine-tuning at a 128k vocabulary saves several (B, T, V) fp32
+        # buffers this way: the logits, their fp32 upcast and its gradient.
+        chunked_next_token = can_skip_logits and (mode == "heads" or (mode == "caft" and not return_logits))
+        if chunked_next_token:
             kwargs.setdefault("logits_to_keep", 1)
 
         calls: list[LayerCall] = []
         layer = last_decoder_layer(self.model, self.parts)
-        needs_output = mode == "heads" or self.caft_config.head_type == "resblock"
+        needs_output = chunked_next_token or mode == "heads" or self.caft_config.head_type == "resblock"
         if run_heads:
             # In "heads" mode the trunk is frozen: running it without a graph saves its activations.
             grad_context = torch.no_grad() if mode == "heads" else contextlib.nullcontext()
@@ -172,6 +181,8 @@ class CAFTModel(nn.Module):
             if mode == "heads":
                 with torch.no_grad():
                     result = self._head_cross_entropy(calls[0].output, labels, attention_mask, offset=1)
+            elif chunked_next_token:
+                result = self._head_cross_entropy(calls[0].output, labels, attention_mask, offset=1)
             else:
                 result = _next_token_cross_entropy(logits, labels, attention_mask)
             losses[0], accuracies[0], counts[0] = result.mean_loss(), result.accuracy(), result.num_targets

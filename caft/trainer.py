@@ -132,6 +132,7 @@ class CAFTTrainer(Trainer):
             labels=inputs["labels"],
             mode=self.mode,
             progress=self.training_progress(),
+            return_logits=False,  # the loss needs no (B, T, V) logits, and neither does evaluation
         )
         split = "train" if model.training else "eval"
         self._head_metrics[split].add(outputs)

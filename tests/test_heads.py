@@ -94,7 +94,8 @@ def naive_caft_loss(next_token_logits, head_logits, labels, attention_mask, conf
 
 @pytest.mark.parametrize("arch", ALL)
 @pytest.mark.parametrize("head_type", ["transformer", "resblock"])
-def test_chunked_loss_matches_naive(arch, head_type):
+@pytest.mark.parametrize("return_logits", [True, False], ids=["full-logits", "chunked-next-token"])
+def test_chunked_loss_matches_naive(arch, head_type, return_logits):
     config = CAFTConfig(num_aux_heads=3, head_type=head_type, heads_coefficient=0.5, loss_chunk_size=5)
     model = make_tiny_model(arch)
     caft_model = add_auxiliary_heads(model, config)
@@ -107,7 +108,11 @@ def test_chunked_loss_matches_naive(arch, head_type):
     labels[0, :5] = -100  # a masked prompt, as in supervised fine-tuning
     progress = 0.3
 
-    output = caft_model(input_ids, attention_mask=attention_mask, labels=labels, progress=progress)
+    output = caft_model(
+        input_ids, attention_mask=attention_mask, labels=labels, progress=progress, return_logits=return_logits
+    )
+    if not return_logits:  # the next-token loss came from the last layer's output, in chunks
+        assert output.logits.shape[1] == 1
     output.loss.backward()
     chunked_grads = {name: p.grad.clone() for name, p in caft_model.named_parameters() if p.grad is not None}
     caft_model.zero_grad()
@@ -123,6 +128,7 @@ def test_chunked_loss_matches_naive(arch, head_type):
 
     torch.testing.assert_close(output.loss, naive_total, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(output.head_losses, naive_losses, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(output.head_accuracies, reference.head_accuracies)
     assert chunked_grads.keys() == naive_grads.keys()
     assert any(name.startswith("heads.") for name in chunked_grads)
     for name in naive_grads:
@@ -275,3 +281,31 @@ def test_random_init_redraws_weights(arch):
     with torch.no_grad():
         output = caft_model(input_ids, attention_mask=attention_mask, return_head_logits=True)
     assert not torch.allclose(output.head_logits[0], output.logits)
+
+
+@pytest.mark.parametrize("return_logits", [True, False])
+def test_training_forward_saves_no_full_logits(return_logits):
+    # What backward keeps: with return_logits=False (the trainer's call) no saved tensor holds the
+    # logits of more than one chunk; with the full logits returned, the next-token loss keeps them.
+    config = CAFTConfig(num_aux_heads=2, loss_chunk_size=4)
+    caft_model = add_auxiliary_heads(make_tiny_model("llama"), config)
+    caft_model.set_trainable(trunk=True, heads=False)
+    input_ids, attention_mask, labels = random_batch(batch_size=3, seq_len=14, pad_last=2)
+    vocab = caft_model.config.vocab_size
+    weights = {parameter.untyped_storage().data_ptr() for parameter in caft_model.parameters()}
+    logits_rows = []  # rows of every saved activation whose last dimension is the vocabulary
+
+    def pack(tensor):
+        is_weight = tensor.untyped_storage().data_ptr() in weights  # e.g. the transposed unembedding
+        if tensor.dim() >= 2 and tensor.shape[-1] == vocab and not is_weight:
+            logits_rows.append(tensor.numel() // vocab)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = caft_model(input_ids, attention_mask=attention_mask, labels=labels, return_logits=return_logits)
+    output.loss.backward()
+    batch_size, length = input_ids.shape
+    if return_logits:
+        assert max(logits_rows) >= batch_size * (length - 1)
+    else:
+        assert max(logits_rows, default=0) <= config.loss_chunk_size
