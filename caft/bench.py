@@ -366,7 +366,9 @@ class _StepRunner:
     def loss(self):
         if self.method == "stacked":
             return stacked_caft_loss(self.caft_model, **self.batch)
-        return self.caft_model(**self.batch, mode=self.method).loss
+        # The call CAFTTrainer makes: no full logits are returned, so the CAFT next-token loss is
+        # chunked like the heads' losses. In "ntp" mode the flag changes nothing (full logits).
+        return self.caft_model(**self.batch, mode=self.method, return_logits=False).loss
 
     def step(self) -> float:
         """Run forward, backward and the optimizer step; return the wall time in seconds."""
@@ -747,8 +749,10 @@ def _method_section() -> list[str]:
         "",
         "- **ntp**: next-token fine-tuning, `CAFTModel` with `num_aux_heads=0`, `mode=\"ntp\"`.",
         "- **caft**: this library, 4 transformer heads (copies of the last decoder layer), default "
-        "`CAFTConfig` (`loss_chunk_size=1024`), `mode=\"caft\"`. The heads are frozen, as `CAFTTrainer` "
-        "keeps them by default; gradients flow through them into the trunk.",
+        "`CAFTConfig` (`loss_chunk_size=1024`), `mode=\"caft\"`, called as `CAFTTrainer` calls it "
+        "(`return_logits=False`): the next-token loss is also computed in chunks from the last layer's "
+        "output, so no (B, T, V) logits exist. The heads are frozen, as `CAFTTrainer` keeps them by "
+        "default; gradients flow through them into the trunk.",
         "- **stacked**: the same model and loss, computed the way the public reference implementation "
         "(michaelchen-lab/caft-llm) computes it. The next-token logits and the 4 heads' full (B, T, V) "
         "logits are stacked into one (5, B, T, V) tensor and upcast to fp32, then one cross-entropy runs "
