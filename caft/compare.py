@@ -29,6 +29,7 @@ Example config (YAML):
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import shutil
@@ -85,7 +86,7 @@ class CompareConfig:
     method_settings: dict = field(
         default_factory=dict, metadata={"help": "FinetuneConfig options per method, e.g. {lora: {learning_rate: 2e-3}}."}
     )
-    caft: dict = field(default_factory=dict, metadata={"help": "CAFTConfig options (num_aux_heads, beta, gamma, ...)."})
+    caft: dict = field(default_factory=dict, metadata={"help": "CAFTConfig options (num_aux_heads, heads_coefficient, decay, ...)."})
     eval: dict = field(default_factory=dict, metadata={"help": "EvalOptions for scoring (batch_size, max_new_tokens, ...)."})
     bootstrap_samples: int = field(default=2000, metadata={"help": "Bootstrap draws for the intervals."})
     keep_checkpoints: bool = field(default=False, metadata={"help": "Keep each run's training checkpoints."})
@@ -342,7 +343,11 @@ def summarise(config: CompareConfig, runs: dict[tuple[str, str, int], dict[str, 
                     break
                 per_seed[mode] = values
                 row[mode] = dict(zip(("mean", "sd"), mean_and_sd(values)), values=values)
-            if set(per_seed) == {"ntp", "caft"}:
+            if set(per_seed) == {"ntp", "caft"} and len(seeds) < 2:
+                # One seed says nothing about seed noise, so no interval is given.
+                mean = float(np.mean(per_seed["caft"]) - np.mean(per_seed["ntp"]))
+                row["difference"] = {"mean": mean, "low": None, "high": None, "significant": None}
+            elif set(per_seed) == {"ntp", "caft"}:
                 caft_rows = [_per_row(runs[(method, "caft", seed)]["eval"], metric) for seed in seeds]
                 ntp_rows = [_per_row(runs[(method, "ntp", seed)]["eval"], metric) for seed in seeds]
                 if all(item is not None for item in caft_rows + ntp_rows):
@@ -372,9 +377,16 @@ def markdown_table(config: CompareConfig, rows: list[dict[str, Any]]) -> str:
     for row in rows:
         cells = []
         for mode in ("ntp", "caft"):
-            cells.append(f"{_format(row[mode]['mean'])} ± {_format(row[mode]['sd'])}" if mode in row else "–")
+            if mode not in row:
+                cells.append("–")
+            elif len(row["seeds"]) < 2:
+                cells.append(_format(row[mode]["mean"]))
+            else:
+                cells.append(f"{_format(row[mode]['mean'])} ± {_format(row[mode]['sd'])}")
         difference = row.get("difference")
-        if difference:
+        if difference and difference["significant"] is None:
+            interval, reading = f"{difference['mean']:+.4f}", "one seed: no interval"
+        elif difference:
             interval = (
                 f"{difference['mean']:+.4f} [{difference['low']:+.4f}, {difference['high']:+.4f}]"
             )
@@ -486,9 +498,12 @@ def add_compare_command(commands: Any) -> None:
     compare = commands.add_parser(
         "compare",
         help="Fine-tune with next-token and CAFT losses (LoRA and full) over seeds, evaluate, and compare.",
-        description="Run the comparison described by a YAML config (keys: "
-        + ", ".join(item.name for item in fields(CompareConfig))
-        + "). Finished runs are skipped, so rerunning the command resumes.",
+        description="Run the comparison described by a YAML config. Finished runs are skipped, so "
+        "rerunning the command resumes.\n\nConfig keys:\n"
+        + "\n".join(f"  {item.name}: {item.metadata['help']}" for item in fields(CompareConfig))
+        + "\n\nExamples: the configs in experiments/ (chebi20.yaml, cfp-gen.yaml, dialogsum.yaml), "
+        "explained in docs/experiments.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     compare.add_argument("--config", required=True, type=Path, help="YAML file of the comparison.")
     compare.add_argument("--output-dir", help="Overrides output_dir of the config.")

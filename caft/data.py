@@ -139,7 +139,9 @@ def _read_rows(path: Path, max_rows: int | None) -> list[tuple[str, Any]]:
         return [(f"{path} row {index} (0-based)", row) for index, row in enumerate(rows)]
 
     rows_with_sources = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
+    # Split at "\n" only: str.splitlines() also splits at U+2028 and other characters that JSON
+    # strings may contain unescaped (GSM8K's training file has one).
+    for line_number, line in enumerate(text.split("\n"), start=1):
         if max_rows is not None and len(rows_with_sources) >= max_rows:
             break
         if not line.strip():

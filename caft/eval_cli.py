@@ -37,11 +37,21 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
             )
             continue
         kind = int if annotation.startswith("int") else float if annotation.startswith("float") else str
-        suffix = "" if required else f" Default: {item.default}."
+        suffix = "" if required or item.default is None else f" Default: {item.default}."
         parser.add_argument(
             flag, dest=item.name, type=kind, required=required, default=None if required else item.default,
             help=help_text + suffix,
         )
+
+
+def _positive(kind: type):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    return parse
 
 
 def command_tasks_list(args: argparse.Namespace) -> int:
@@ -156,8 +166,12 @@ def add_eval_commands(commands: Any) -> None:
     score.add_argument("--predictions", required=True, help="Predictions JSONL.")
     score.add_argument("--output", required=True, help="Where to write the scores (JSON).")
     score.add_argument("--train-data", help="Training file of the same task, for novelty metrics.")
-    score.add_argument("--timeout", type=float, default=10.0, help="Code tasks: seconds per program. Default: 10.")
-    score.add_argument("--memory-mb", type=int, default=1024, help="Code tasks: memory per program (MB). Default: 1024.")
-    score.add_argument("--workers", type=int, default=2, help="Code tasks: programs run at once. Default: 2.")
+    score.add_argument(
+        "--timeout", type=_positive(float), default=10.0, help="Code tasks: seconds per program. Default: 10."
+    )
+    score.add_argument(
+        "--memory-mb", type=_positive(int), default=1024, help="Code tasks: memory per program (MB). Default: 1024."
+    )
+    score.add_argument("--workers", type=_positive(int), default=2, help="Code tasks: programs run at once. Default: 2.")
     score.set_defaults(handler=command_score)
 

@@ -37,14 +37,17 @@ class EvalOptions:
     """Settings of `caft eval`. The field help doubles as CLI help."""
 
     model: str = field(metadata={"help": "Fine-tuned model folder (for example OUTPUT_DIR/model) or Hub id."})
-    task: str = field(metadata={"help": "Task preset name, which picks the prompt and the scorer."})
+    task: str = field(
+        metadata={"help": "Task preset, which picks the prompt and the scorer: humaneval, mbpp, gsm8k, "
+                  "dialogsum, chebi20 or cfp-gen."}
+    )
     data: str = field(metadata={"help": "Test file: prepared by `caft tasks prepare`, or the task's raw file."})
     output: str = field(metadata={"help": "Where to write the scores (JSON)."})
     train_data: str | None = field(
         default=None, metadata={"help": "Training file of the same task, for novelty metrics."}
     )
     predictions: str | None = field(
-        default=None, metadata={"help": "Where to write the generated answers (JSONL; default: next to output)."}
+        default=None, metadata={"help": "Where to write the generated answers (JSONL; default: OUTPUT with .predictions.jsonl)."}
     )
     heads: str | None = field(
         default=None,
@@ -68,7 +71,9 @@ class EvalOptions:
     chat_template: str = field(
         default="auto", metadata={"help": "'auto', 'model', 'plain' or a .jinja file, as in training."}
     )
-    dtype: str = field(default="auto", metadata={"help": "Weights dtype: 'auto', 'float32' or 'bfloat16'."})
+    dtype: str = field(
+        default="auto", metadata={"help": "Weights dtype: 'auto', 'float32', 'bfloat16' or 'float16'."}
+    )
     intrinsic: bool = field(
         default=True, metadata={"help": "Also compute perplexity and per-head metrics on the gold answers."}
     )
@@ -83,6 +88,8 @@ class EvalOptions:
             raise ValueError("num_samples > 1 needs do_sample: greedy decoding returns the same completion each time")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 def _messages(task: Task, reference: dict[str, Any]) -> list[dict[str, str]]:
@@ -202,10 +209,15 @@ def run_eval(options: EvalOptions) -> dict[str, Any]:
 
     from .data import resolve_chat_template
     from .distill import SamplingSettings, find_stop_token_ids
+    from .heads_io import resolve_heads_path
+    from .pipeline import _check_model_source, _not_found_on_hub
     from .run_config import DTYPES
     from .scoring.run import result_json, score_completions
 
     task = get_task(options.task)
+    for path in (options.output, options.predictions):
+        if path and Path(path).is_dir():
+            raise ValueError(f"output {path} is a folder; give a file name")
     references = load_references(task, options.data)
     if options.limit is not None:
         references = references[: options.limit]
@@ -213,8 +225,16 @@ def run_eval(options: EvalOptions) -> dict[str, Any]:
     output = Path(options.output)
     predictions_path = Path(options.predictions) if options.predictions else output.with_suffix(".predictions.jsonl")
 
-    tokenizer = AutoTokenizer.from_pretrained(options.model)
-    model_config = AutoConfig.from_pretrained(options.model)
+    _check_model_source(options.model)
+    if options.heads:
+        resolve_heads_path(options.heads)  # a wrong heads path fails now, not after generation
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(options.model)
+        model_config = AutoConfig.from_pretrained(options.model)
+    except OSError as error:
+        if Path(options.model).exists():
+            raise
+        raise _not_found_on_hub(options.model, error) from error
     chat_template = resolve_chat_template(tokenizer, options.chat_template)
     sampling = SamplingSettings(
         max_new_tokens=options.max_new_tokens or task.max_new_tokens,
@@ -283,7 +303,14 @@ def run_eval(options: EvalOptions) -> dict[str, Any]:
 
 def _write_json(path: Path, content: Any) -> None:
     """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"output {path} is a folder; give a file name, for example {path / 'scores.json'}")
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise

@@ -62,6 +62,8 @@ class Task:
     default_test_rows: int | None = None
     # Tasks whose splits come from an id range within one file (MBPP): {split: (first id, last id)}.
     id_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Raw fields every row needs; a file of another task fails on them with a clear message.
+    required_fields: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,6 +108,7 @@ TASKS: dict[str, Task] = {
     for task in [
         Task(
             name="humaneval",
+            required_fields=("task_id", "prompt", "test", "entry_point"),
             family="code",
             description="HumanEval: complete 164 Python functions; pass@k on the hidden tests. Test only.",
             id_field="task_id",
@@ -117,6 +120,7 @@ TASKS: dict[str, Task] = {
         ),
         Task(
             name="mbpp",
+            required_fields=("task_id", "text", "test_list"),
             family="code",
             description="MBPP: write a Python function from a description and its tests; pass@k.",
             id_field="task_id",
@@ -129,6 +133,7 @@ TASKS: dict[str, Task] = {
         ),
         Task(
             name="gsm8k",
+            required_fields=("question", "answer"),
             family="math",
             description="GSM8K: grade-school word problems; numeric exact match of the final answer.",
             id_field=None,
@@ -140,6 +145,7 @@ TASKS: dict[str, Task] = {
         ),
         Task(
             name="dialogsum",
+            required_fields=("fname", "dialogue"),
             family="summarization",
             description="DialogSum: summarise a dialogue; ROUGE-1/2/L against three references. "
             "Train: the dev file (500 rows); test: the test file (500 rows).",
@@ -152,6 +158,7 @@ TASKS: dict[str, Task] = {
         ),
         Task(
             name="chebi20",
+            required_fields=("CID", "SMILES", "description"),
             family="molecules",
             description="ChEBI-20 text to SMILES: validity, exact match, fingerprint similarity. "
             "One file (3,301 rows), split into 300 test rows and the rest for training.",
@@ -165,6 +172,7 @@ TASKS: dict[str, Task] = {
         ),
         Task(
             name="cfp-gen",
+            required_fields=("instruction", "reference"),
             family="proteins",
             description="CFP-Gen function-guided protein design: alphabet, length, identity by global "
             "alignment. One file (260 rows), split into 100 test rows and 159 for training (a copy of a test row is dropped).",
@@ -203,7 +211,8 @@ def read_raw_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         text = handle.read()
     stem_suffix = Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
     if stem_suffix in (".txt", ".tsv"):
-        rows = list(csv.DictReader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE))
+        lines = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+        rows = list(csv.DictReader(lines, delimiter="\t", quoting=csv.QUOTE_NONE))
         if rows and None in rows[0]:
             raise TaskError(f"{path}: line 2 has more columns than the header line")
         return rows
@@ -214,7 +223,8 @@ def read_raw_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             raise TaskError(f"{path}: not valid JSON ({error})") from error
         return _check_objects(rows, path)
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Split at "\n" only, because JSON strings may contain U+2028, which str.splitlines() splits at.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -241,6 +251,12 @@ def rows_with_ids(task: Task, rows: list[dict[str, Any]], source: str) -> list[d
     result = []
     seen: set[str] = set()
     for index, row in enumerate(rows):
+        missing = [name for name in task.required_fields if name not in row]
+        if missing:
+            raise TaskError(
+                f"{source}: row {index + 1} has no {', '.join(repr(name) for name in missing)} field, which task "
+                f"{task.name!r} needs (the row's fields: {', '.join(sorted(row))}). Is this a {task.name} file?"
+            )
         if task.id_field is None:
             row_id = str(index)
         elif task.id_field in row:
@@ -269,7 +285,10 @@ def load_references(task: Task, path: str | os.PathLike[str]) -> list[dict[str, 
         references = []
         for row in rows:
             if row.get("task", task.name) != task.name:
-                raise TaskError(f"{path}: rows were prepared for task {row['task']!r}, not {task.name!r}")
+                raise TaskError(
+                    f"{path}: rows were prepared for task {row['task']!r}, not {task.name!r}. Pass --task "
+                    f"{row['task']}, or prepare the data with `caft tasks prepare {task.name}`"
+                )
             references.append({**row["reference"], "id": str(row["id"])})
         return references
     return rows_with_ids(task, rows, str(path))
@@ -314,12 +333,16 @@ def prepare_task(
     all). `max_prompt_chars` drops rows whose prompt is longer, before cutting, for small-context
     models. `data_dir` is the assets folder (default: `CAFT_ASSETS`, else ../shared).
     """
+    for name, value in (("test_rows", test_rows), ("train_rows", train_rows), ("max_prompt_chars", max_prompt_chars)):
+        if value is not None and value < 1:
+            raise TaskError(f"{name} must be a positive number, got {value}")
     root = Path(data_dir) if data_dir is not None else assets_dir()
     test_path = root / task.test_file
     if not test_path.is_file():
+        where = "--data-dir" if data_dir is not None else "CAFT_ASSETS (default ../shared)"
         raise FileNotFoundError(
-            f"task {task.name!r} needs {test_path}; set CAFT_ASSETS to the assets folder that holds "
-            f"{task.test_file}"
+            f"task {task.name!r} needs {test_path}, which is missing. Point {where} to the assets folder that "
+            f"contains {task.test_file}"
         )
     test_all = rows_with_ids(task, read_raw_rows(test_path), str(test_path))
     if task.id_ranges:
@@ -344,7 +367,7 @@ def prepare_task(
     test_pairs = {(task.prompt(row), task.target(row)) for row in test_all}
     duplicates = [row for row in train_all if (task.prompt(row), task.target(row)) in test_pairs]
     if duplicates:
-        logger.info("%s: %d training rows equal a test row and are dropped", task.name, len(duplicates))
+        logger.debug("%s: %d training rows equal a test row and are dropped", task.name, len(duplicates))
         train_all = [row for row in train_all if (task.prompt(row), task.target(row)) not in test_pairs]
 
     dropped = {"train_duplicates_of_test": len(duplicates)}
@@ -355,16 +378,18 @@ def prepare_task(
             kept = [row for row in rows if len(task.prompt(row)) <= max_prompt_chars]
         dropped[name] = len(rows) - len(kept)
         if limit is not None:
-            if limit > len(kept):
-                logger.warning(
-                    "%s: %d %s rows asked for, %d available after filtering", task.name, limit, name, len(kept)
-                )
+            if limit > len(kept) and rows:
+                logger.warning("%s: %d %s rows requested, only %d available", task.name, limit, name, len(kept))
             kept = kept[:limit]
         splits[name] = [_prepared_row(task, row) for row in kept]
     if not splits["test"]:
         raise TaskError(
             f"task {task.name!r}: the test split is empty"
-            + (f" after dropping prompts over {max_prompt_chars} characters" if max_prompt_chars else "")
+            + (
+                f" after dropping prompts over {max_prompt_chars} characters. Raise max_prompt_chars"
+                if max_prompt_chars
+                else ""
+            )
         )
     return PreparedSplit(train=splits["train"], test=splits["test"], dropped=dropped)
 

@@ -105,3 +105,16 @@ def test_bad_compare_configs(tmp_path, changes, message):
     values = {"task": "chebi20", "model": "m", "output_dir": str(tmp_path), **changes}
     with pytest.raises(ValueError, match=message):
         CompareConfig.from_dict(values)
+
+
+def test_one_seed_gives_no_interval(tmp_path):
+    from caft.compare import markdown_table
+
+    config = CompareConfig.from_dict({"task": "chebi20", "model": "m", "output_dir": str(tmp_path), "seeds": [0]})
+    row = {
+        "method": "full", "metric": "perplexity", "seeds": [0],
+        "ntp": {"mean": 9.0, "sd": 0.0, "values": [9.0]}, "caft": {"mean": 8.0, "sd": 0.0, "values": [8.0]},
+        "difference": {"mean": -1.0, "low": None, "high": None, "significant": None},
+    }
+    line = markdown_table(config, [row]).splitlines()[-1]
+    assert line == "| full | perplexity | 9.0000 | 8.0000 | -1.0000 | one seed: no interval |"

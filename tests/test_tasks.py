@@ -70,7 +70,7 @@ def test_empty_test_set_is_an_error(assets, tmp_path):
 
 
 def test_raw_file_of_another_task_is_named(assets, tmp_path):
-    with pytest.raises(TaskError, match=r"has no 'fname' field.*dialogsum"):
+    with pytest.raises(TaskError, match=r"has no 'fname', 'dialogue' field.*dialogsum file"):
         load_references(get_task("dialogsum"), assets / "data/math/gsm8k/test.jsonl")
 
 
@@ -191,3 +191,55 @@ def test_bootstrap_interval_matches_the_normal_approximation():
 def test_bootstrap_rejects_unpaired_shapes():
     with pytest.raises(ValueError, match="same shape"):
         paired_bootstrap(np.zeros((2, 3)), np.zeros((3, 3)))
+
+
+def test_raw_file_of_another_task_without_ids_is_named(assets):
+    with pytest.raises(TaskError, match=r"test.jsonl: row 1 has no 'instruction', 'reference' field.*cfp-gen file"):
+        load_references(get_task("cfp-gen"), assets / "data/math/gsm8k/test.jsonl")
+
+
+def test_prepared_file_of_another_task_names_the_fix(assets, tmp_path):
+    data = write_jsonl(prepare_task(get_task("chebi20"), test_rows=2).test, tmp_path / "chebi.jsonl")
+    with pytest.raises(TaskError, match=r"prepared for task 'chebi20', not 'gsm8k'. Pass --task chebi20"):
+        load_references(get_task("gsm8k"), data)
+
+
+@pytest.mark.parametrize("option", ["test_rows", "train_rows", "max_prompt_chars"])
+def test_non_positive_sizes_are_rejected(assets, option):
+    with pytest.raises(TaskError, match=f"{option} must be a positive number, got -1"):
+        prepare_task(get_task("gsm8k"), **{option: -1})
+
+
+def test_line_separator_inside_json_string(tmp_path):
+    # U+2028 is valid unescaped inside a JSON string; GSM8K's training file contains one.
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"question": "a\u2028b", "answer": "#### 1"}\n{"question": "c", "answer": "#### 2"}\n')
+    rows = load_references(get_task("gsm8k"), path)
+    assert [row["question"] for row in rows] == ["a\u2028b", "c"]
+
+
+def test_prepared_gsm8k_trains(assets, tmp_path):
+    from caft.data import load_conversations
+
+    path = write_jsonl(prepare_task(get_task("gsm8k")).train, tmp_path / "gsm8k.train.jsonl")
+    assert len(load_conversations(path)) == 7473
+
+
+def test_output_folder_is_rejected_before_writing(assets, tmp_path, capsys):
+    test, data = _gsm8k_files(assets, tmp_path)
+    predictions = _write_predictions(tmp_path / "p.jsonl", [{"id": row["id"], "completion": "1"} for row in test])
+    folder = tmp_path / "out"
+    folder.mkdir()
+    status = main(["score", "--task", "gsm8k", "--data", str(data), "--predictions", str(predictions),
+                   "--output", str(folder)])
+    assert status == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert list(folder.iterdir()) == [] and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_eval_with_missing_model_is_one_line(assets, tmp_path, capsys):
+    test, data = _gsm8k_files(assets, tmp_path)
+    status = main(["eval", "--model", str(tmp_path / "nothere"), "--task", "gsm8k", "--data", str(data),
+                   "--output", str(tmp_path / "e.json")])
+    assert status == 2
+    assert "model folder not found" in capsys.readouterr().err

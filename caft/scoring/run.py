@@ -51,6 +51,8 @@ def _show(ids: list[str], limit: int = 5) -> str:
 def read_predictions(path: str | os.PathLike[str]) -> dict[str, list[str]]:
     """Read predictions JSONL into {id: [completion, ...]}; errors name the file and line."""
     path = Path(path)
+    if path.is_dir():
+        raise ScoringError(f"predictions {path} is a folder; give the predictions JSONL file")
     if not path.is_file():
         raise FileNotFoundError(f"predictions file not found: {path}")
     predictions: dict[str, list[str]] = {}
@@ -143,7 +145,7 @@ def result_json(task_name: str, result: ScoreResult, extra: dict[str, Any] | Non
     return {
         **result.metrics,
         "task": task_name,
-        "num_samples": len(result.samples),
+        "num_rows": len(result.samples),
         "per_sample_metrics": result.per_sample_metrics,
         **(extra or {}),
         "samples": result.samples,
