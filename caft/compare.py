@@ -468,11 +468,30 @@ def _plot_metrics(config: CompareConfig, rows: list[dict[str, Any]], path: Path)
     plt.close(figure)
 
 
+def _write_run_scores(run_dir: Path, report: dict[str, Any]) -> None:
+    """Write the run's numbers without any text of the test set: metrics and per-row scores by id.
+
+    eval.json also holds the scorers' per-sample details, which quote references (canonical SMILES,
+    sequences); scores.json is the compact record to publish beside the predictions.
+    """
+    per_sample = report.get("per_sample_metrics", {})
+    content = {
+        "metrics": _run_metrics(report),
+        "generation": report.get("generation"),
+        "intrinsic": report.get("intrinsic"),
+        "ids": [sample["id"] for sample in report["samples"]],
+        "per_row": {metric: [sample[key] for sample in report["samples"]] for metric, key in per_sample.items()},
+    }
+    _write_json(run_dir / "scores.json", content)
+
+
 def write_report(config: CompareConfig) -> dict[str, Any]:
-    """Write results.json, results.md and the plots from the finished runs; return the JSON object."""
+    """Write results.json, results.md, the plots and each run's scores.json; return the JSON object."""
     runs = _load_runs(config)
     if not runs:
         raise ValueError(f"{config.output_dir}: no finished runs to report")
+    for (method, mode, seed), run in runs.items():
+        _write_run_scores(Path(config.output_dir) / "runs" / run_name(method, mode, seed), run["eval"])
     rows = summarise(config, runs)
     output_dir = Path(config.output_dir)
     plots = output_dir / "plots"

@@ -62,6 +62,9 @@ def test_compare_end_to_end(tmp_path, tiny_model_dir, capsys, caplog):
                 heads = report["intrinsic"]["heads"]
                 assert len(heads) == 5 and all(head["targets"] > 0 for head in heads)
                 assert len((run / "eval.predictions.jsonl").read_text().splitlines()) == 6
+                scores = json.loads((run / "scores.json").read_text())
+                assert scores["ids"] == [sample["id"] for sample in report["samples"]]
+                assert scores["per_row"]["validity"] == [sample["validity"] for sample in report["samples"]]
                 assert not (run / "checkpoints").exists()
 
     results = json.loads((out / "results.json").read_text())
