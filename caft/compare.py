@@ -443,8 +443,12 @@ def _plot_metrics(config: CompareConfig, rows: list[dict[str, Any]], path: Path)
     import matplotlib.pyplot as plt
 
     metrics = [name for name in dict.fromkeys(row["metric"] for row in rows) if not name.startswith("head")]
-    figure, axes = plt.subplots(1, len(metrics), figsize=(2.6 * len(metrics), 3.6), squeeze=False)
-    for axis, metric in zip(axes[0], metrics):
+    columns = min(4, len(metrics))
+    lines = -(-len(metrics) // columns)  # ceiling division
+    figure, axes = plt.subplots(lines, columns, figsize=(3.2 * columns, 3.0 * lines), squeeze=False)
+    for axis in axes.flat[len(metrics) :]:
+        axis.set_visible(False)
+    for axis, metric in zip(axes.flat, metrics):
         position = 0
         ticks, labels = [], []
         for method in config.methods:
