@@ -371,6 +371,15 @@ def markdown_table(config: CompareConfig, rows: list[dict[str, Any]]) -> str:
         "difference is CAFT − NTP with its 95% paired bootstrap interval (over seeds, and over test rows "
         "where the metric is defined per row).",
         "",
+    ]
+    seeds = max((len(row["seeds"]) for row in rows), default=0)
+    if 1 < seeds < 5:
+        lines += [
+            f"Only {seeds} seeds: a bootstrap over so few seeds understates the seed noise, so the intervals "
+            "are too narrow. Use at least 5 seeds before reading a difference as significant.",
+            "",
+        ]
+    lines += [
         "| method | metric | NTP | CAFT | CAFT − NTP [95% CI] | reading |",
         "|---|---|---|---|---|---|",
     ]

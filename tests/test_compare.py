@@ -79,6 +79,7 @@ def test_compare_end_to_end(tmp_path, tiny_model_dir, capsys, caplog):
     assert validity["difference"]["mean"] == pytest.approx(expected)
     table = (out / "results.md").read_text()
     assert "| full | validity |" in table and "CAFT − NTP" in table
+    assert "Only 2 seeds" in table
     assert "results.md" in capsys.readouterr().out
 
     # Rerunning resumes: every run is skipped, and the report is the same.
