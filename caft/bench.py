@@ -174,7 +174,13 @@ def step_flops(config: BenchConfig, method: str, lora_rank: int = LORA_RANK) -> 
         trunk += config.layers * (4 * layer_weights + 2 * attention)
     unembedding = 2 * h * v
     unembedding_backward = unembedding * (1 if lora else 2)  # lm_head is frozen under LoRA
-    flops = tokens * (trunk + unembedding + unembedding_backward)
+    if method == "caft":
+        # Next-token logits only for the B(T-1) positions with a target, in recomputed chunks
+        # (return_logits=False), so the forward runs twice.
+        next_token_rows = config.batch * (t - 1)
+        flops = tokens * trunk + next_token_rows * (2 * unembedding + unembedding_backward)
+    else:
+        flops = tokens * (trunk + unembedding + unembedding_backward)
     if method == "ntp":
         return float(flops)
 
@@ -883,9 +889,9 @@ def _flops_section() -> list[str]:
         "- unembedding: 2HV per token forward, the same again for the input gradient, and again for the "
         "weight gradient under full fine-tuning (it is frozen under LoRA);",
         "- caft and stacked add n frozen head layers: F + 2P + 4TH per token each (input gradients only);",
-        "- caft: each head's unembedding runs on the B·(T−k) positions with a target (k = 2..5): forward, "
-        "the forward again in backward (the chunked loss recomputes it), the input gradient, and the weight "
-        "gradient under full fine-tuning;",
+        "- caft: the next-token unembedding (k = 1) and each head's (k = 2..5) run on the B·(T−k) "
+        "positions with a target: forward, the forward again in backward (the chunked loss recomputes it), "
+        "the input gradient, and the weight gradient under full fine-tuning;",
         "- stacked: each head's unembedding runs on all N positions: forward, input gradient, and weight "
         "gradient under full fine-tuning;",
         "- heads: trunk forward only, next-token logits without gradient, head layers with weight "
