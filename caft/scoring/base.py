@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,3 +35,29 @@ class ScoreResult:
 
 class ScoringError(ValueError):
     """Raised for inputs a scorer cannot score, with a message that names the row and what to do."""
+
+
+def check_inputs(references: Sequence[dict], completions: Sequence[Sequence[str]]) -> None:
+    """Raise ScoringError unless every row has an id and a non-empty list of string completions."""
+    if not references:
+        raise ScoringError("got no reference rows. Pass at least one row to score")
+    if len(references) != len(completions):
+        raise ScoringError(
+            f"got {len(references)} reference rows but {len(completions)} completion lists. "
+            "Pass one list of completions per reference row, in the same order"
+        )
+    for index, (row, row_completions) in enumerate(zip(references, completions)):
+        if "id" not in row:
+            raise ScoringError(f"reference row {index} has no 'id' key. Add the row's id before scoring")
+        if isinstance(row_completions, str) or not isinstance(row_completions, Sequence):
+            raise ScoringError(
+                f"completions for row {row['id']!r} are a {type(row_completions).__name__}, "
+                "expected a list of strings (one per generated sample)"
+            )
+        if not row_completions:
+            raise ScoringError(f"row {row['id']!r} has no completions. Pass at least one string per row")
+        for completion in row_completions:
+            if not isinstance(completion, str):
+                raise ScoringError(
+                    f"a completion for row {row['id']!r} is a {type(completion).__name__}, expected a str"
+                )

@@ -38,7 +38,7 @@ from typing import Any
 from rdkit import Chem, DataStructs, rdBase
 from rdkit.Chem import MACCSkeys, rdFingerprintGenerator
 
-from .base import ScoreResult, ScoringError
+from .base import ScoreResult, ScoringError, check_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -56,32 +56,6 @@ def _quiet_rdkit() -> Iterator[None]:
     # instead turn on logs that the caller had turned off.
     with rdBase.BlockLogs():
         yield
-
-
-def _check_inputs(references: Sequence[dict], completions: Sequence[Sequence[str]]) -> None:
-    """Raise ScoringError unless every row has an id and a non-empty list of string completions."""
-    if not references:
-        raise ScoringError("got no reference rows. Pass at least one row to score")
-    if len(references) != len(completions):
-        raise ScoringError(
-            f"got {len(references)} reference rows but {len(completions)} completion lists. "
-            "Pass one list of completions per reference row, in the same order"
-        )
-    for index, (row, row_completions) in enumerate(zip(references, completions)):
-        if "id" not in row:
-            raise ScoringError(f"reference row {index} has no 'id' key. Add the row's id before scoring")
-        if isinstance(row_completions, str) or not isinstance(row_completions, Sequence):
-            raise ScoringError(
-                f"completions for row {row['id']!r} are a {type(row_completions).__name__}, "
-                "expected a list of strings (one per generated sample)"
-            )
-        if not row_completions:
-            raise ScoringError(f"row {row['id']!r} has no completions. Pass at least one string per row")
-        for completion in row_completions:
-            if not isinstance(completion, str):
-                raise ScoringError(
-                    f"a completion for row {row['id']!r} is a {type(completion).__name__}, expected a str"
-                )
 
 
 def extract_smiles(completion: str) -> str:
@@ -153,7 +127,7 @@ def score_chebi20(
     train_references: Sequence[dict[str, Any]] | None = None,
 ) -> ScoreResult:
     """Score generated SMILES against ChEBI-20 references: validity, exact match and similarity."""
-    _check_inputs(references, completions)
+    check_inputs(references, completions)
     reference_molecules = [_reference_molecule(row) for row in references]
     morgan = rdFingerprintGenerator.GetMorganGenerator(radius=MORGAN_RADIUS, fpSize=MORGAN_BITS)
 

@@ -46,7 +46,7 @@ from typing import Any
 
 from Bio.Align import PairwiseAligner, substitution_matrices
 
-from .base import ScoreResult, ScoringError
+from .base import ScoreResult, ScoringError, check_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -103,32 +103,6 @@ def is_valid_sequence(completion: str) -> bool:
     return bool(compact) and all(character in STANDARD_AMINO_ACIDS for character in compact)
 
 
-def _check_inputs(references: Sequence[dict], completions: Sequence[Sequence[str]]) -> None:
-    """Raise ScoringError unless every row has an id and a non-empty list of string completions."""
-    if not references:
-        raise ScoringError("got no reference rows. Pass at least one row to score")
-    if len(references) != len(completions):
-        raise ScoringError(
-            f"got {len(references)} reference rows but {len(completions)} completion lists. "
-            "Pass one list of completions per reference row, in the same order"
-        )
-    for index, (row, row_completions) in enumerate(zip(references, completions)):
-        if "id" not in row:
-            raise ScoringError(f"reference row {index} has no 'id' key. Add the row's id before scoring")
-        if isinstance(row_completions, str) or not isinstance(row_completions, Sequence):
-            raise ScoringError(
-                f"completions for row {row['id']!r} are a {type(row_completions).__name__}, "
-                "expected a list of strings (one per generated sample)"
-            )
-        if not row_completions:
-            raise ScoringError(f"row {row['id']!r} has no completions. Pass at least one string per row")
-        for completion in row_completions:
-            if not isinstance(completion, str):
-                raise ScoringError(
-                    f"a completion for row {row['id']!r} is a {type(completion).__name__}, expected a str"
-                )
-
-
 def _reference_sequence(row: dict[str, Any]) -> str:
     """Return the row's reference sequence without whitespace, raising ScoringError if it is unusable."""
     value = row.get(REFERENCE_FIELD)
@@ -170,7 +144,7 @@ def score_cfp_gen(
     train_references: Sequence[dict[str, Any]] | None = None,
 ) -> ScoreResult:
     """Score generated protein sequences: alphabet validity, identity to the reference, lengths, diversity."""
-    _check_inputs(references, completions)
+    check_inputs(references, completions)
     reference_sequences = [_reference_sequence(row) for row in references]
 
     samples: list[dict[str, Any]] = []

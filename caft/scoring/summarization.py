@@ -28,39 +28,13 @@ from typing import Any
 
 from rouge_score import rouge_scorer
 
-from .base import ScoreResult, ScoringError
+from .base import ScoreResult, ScoringError, check_inputs
 
 logger = logging.getLogger(__name__)
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 # Dev and train rows have `summary`, and test rows have `summary1` to `summary3`.
 REFERENCE_FIELDS = ("summary", "summary1", "summary2", "summary3")
-
-
-def _check_inputs(references: Sequence[dict], completions: Sequence[Sequence[str]]) -> None:
-    """Raise ScoringError unless every row has an id and a non-empty list of string completions."""
-    if not references:
-        raise ScoringError("got no reference rows. Pass at least one row to score")
-    if len(references) != len(completions):
-        raise ScoringError(
-            f"got {len(references)} reference rows but {len(completions)} completion lists. "
-            "Pass one list of completions per reference row, in the same order"
-        )
-    for index, (row, row_completions) in enumerate(zip(references, completions)):
-        if "id" not in row:
-            raise ScoringError(f"reference row {index} has no 'id' key. Add the row's id before scoring")
-        if isinstance(row_completions, str) or not isinstance(row_completions, Sequence):
-            raise ScoringError(
-                f"completions for row {row['id']!r} are a {type(row_completions).__name__}, "
-                "expected a list of strings (one per generated sample)"
-            )
-        if not row_completions:
-            raise ScoringError(f"row {row['id']!r} has no completions. Pass at least one string per row")
-        for completion in row_completions:
-            if not isinstance(completion, str):
-                raise ScoringError(
-                    f"a completion for row {row['id']!r} is a {type(completion).__name__}, expected a str"
-                )
 
 
 def reference_summaries(row: dict[str, Any]) -> list[str]:
@@ -86,7 +60,7 @@ def score_dialogsum(
     train_references: Sequence[dict[str, Any]] | None = None,
 ) -> ScoreResult:
     """Score generated summaries with ROUGE-1/2/L F-measure, taking the best of a row's references."""
-    _check_inputs(references, completions)
+    check_inputs(references, completions)
     if train_references is not None:
         logger.debug("score_dialogsum ignores train_references: ROUGE has no novelty metric")
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
