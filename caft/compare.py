@@ -1,7 +1,7 @@
 """`caft compare`: next-token against CAFT fine-tuning, LoRA and full, over several seeds.
 
 Every run starts from the same base model and trains on the same rows in the same order for a
-given seed, with the same number of optimizer steps and batch size; only the loss differs. All CAFT
+given seed, with the same number of optimizer steps and batch size. Only the loss differs. All CAFT
 runs share one set of heads, trained once on the frozen base model (or loaded with `heads`), as the
 method prescribes. Each run is then scored on the same test rows with `caft eval`.
 
@@ -344,7 +344,7 @@ def summarise(config: CompareConfig, runs: dict[tuple[str, str, int], dict[str, 
                 per_seed[mode] = values
                 row[mode] = dict(zip(("mean", "sd"), mean_and_sd(values)), values=values)
             if set(per_seed) == {"ntp", "caft"} and len(seeds) < 2:
-                # One seed says nothing about seed noise, so no interval is given.
+                # One seed gives no estimate of seed noise, so no interval is reported.
                 mean = float(np.mean(per_seed["caft"]) - np.mean(per_seed["ntp"]))
                 row["difference"] = {"mean": mean, "low": None, "high": None, "significant": None}
             elif set(per_seed) == {"ntp", "caft"}:

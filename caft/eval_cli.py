@@ -2,7 +2,7 @@
 
 - `caft tasks list` shows the presets; `caft tasks prepare TASK --output-dir DIR` writes
   `DIR/TASK.train.jsonl` and `DIR/TASK.test.jsonl` with the task's fixed prompt and split.
-- `caft eval` generates answers with a fine-tuned model and scores them (see `evaluate.py`).
+- `caft eval` generates completions with a fine-tuned model and scores them (see `evaluate.py`).
 - `caft score` scores predictions made elsewhere (see `scoring/run.py`).
 """
 
@@ -36,7 +36,11 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
                 help=f"{help_text} Default: {default}.",
             )
             continue
-        kind = int if annotation.startswith("int") else float if annotation.startswith("float") else str
+        kind: type = str
+        if annotation.startswith("int"):
+            kind = int
+        elif annotation.startswith("float"):
+            kind = float
         suffix = "" if required or item.default is None else f" Default: {item.default}."
         parser.add_argument(
             flag, dest=item.name, type=kind, required=required, default=None if required else item.default,

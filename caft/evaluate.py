@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -160,7 +159,7 @@ def intrinsic_metrics(
     caft_model: Any, tokenizer: Any, chat_template: str, conversations: list[list[dict[str, str]]],
     max_length: int, batch_size: int,
 ) -> dict[str, Any]:
-    """Per-head loss, top-1 and top-5 accuracy and next-token perplexity on the gold answers.
+    """Compute per-head loss, top-1 and top-5 accuracy and next-token perplexity on the gold answers.
 
     Losses are averaged over answer tokens (not over rows), so long answers weigh more, as in
     training. Head 1 is the model's own next-token head.
@@ -283,9 +282,9 @@ def run_eval(options: EvalOptions) -> dict[str, Any]:
         "generation": {**sampling.recorded(), **generation_counts},
     }
     if options.intrinsic:
+        from .config import CAFTConfig
         from .heads_io import load_heads
         from .model import add_auxiliary_heads
-        from .config import CAFTConfig
 
         if options.heads:
             caft_model = load_heads(model, options.heads, allow_other_base=True)
@@ -302,15 +301,10 @@ def run_eval(options: EvalOptions) -> dict[str, Any]:
 
 
 def _write_json(path: Path, content: Any) -> None:
-    """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
+    """Write JSON through a temporary file and a rename, after rejecting a folder as the target."""
+    from .run_outputs import write_json
+
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"output {path} is a folder; give a file name, for example {path / 'scores.json'}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
-        temporary.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+        raise ValueError(f"output {path} is a folder. Give a file name, for example {path / 'scores.json'}")
+    write_json(path, content)

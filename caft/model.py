@@ -134,7 +134,7 @@ class CAFTModel(nn.Module):
                 tests and debugging only: this is the memory cost the chunked loss avoids.
             return_logits: return the base model's full (B, T, V) next-token logits. With False
                 (what `CAFTTrainer` passes) in "caft" mode, the next-token loss is computed in
-                chunks from the last layer's output like the heads' losses, and `.logits` holds
+                chunks from the last layer's output like the heads' losses, and `.logits` contains
                 only the last position, (B, 1, V). The loss is the same up to float rounding.
             kwargs: passed to the base model (for example `position_ids`).
         """

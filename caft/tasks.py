@@ -9,7 +9,7 @@ Each prepared row keeps the raw row under `reference`, so the scorers see the or
                   {"role": "assistant", "content": "<gold SMILES>"}],
      "reference": {"CID": "92470518", "SMILES": "...", "description": "..."}}
 
-The split is deterministic: a task with separate published splits uses them; a task with one file
+The split is deterministic. A task with separate published splits uses them. A task with one file
 is shuffled with a fixed seed (`SPLIT_SEED`) and cut into test and train rows. Row ids are the
 task's own ids (HumanEval and MBPP `task_id`, the GSM8K 0-based line number, DialogSum `fname`,
 ChEBI-20 `CID`, the CFP-Gen 0-based index), so predictions made elsewhere can be scored.
@@ -30,11 +30,13 @@ import logging
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .assets import assets_dir
+from .heads_io import default_file_mode
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ class Task:
     description: str
     id_field: str | None  # raw field holding the id; None means the 0-based row number
     prompt: Callable[[dict[str, Any]], str]  # the fixed prompt, filled from a raw row
-    target: Callable[[dict[str, Any]], str]  # the gold answer that training teaches
+    target: Callable[[dict[str, Any]], str]  # the gold completion that training targets
     train_file: str | None  # relative to the assets folder; None: no training split
     test_file: str
     max_new_tokens: int  # default generation budget (tokens)
@@ -242,7 +244,7 @@ def _check_objects(rows: list[Any], path: Path) -> list[dict[str, Any]]:
 
 
 def is_prepared(rows: list[dict[str, Any]]) -> bool:
-    """Whether `rows` come from `prepare_task` (they carry `id`, `messages` and `reference`)."""
+    """Return whether `rows` come from `prepare_task` (they contain `id`, `messages` and `reference`)."""
     return bool(rows) and all("reference" in row and "id" in row for row in rows)
 
 
@@ -405,15 +407,10 @@ def write_jsonl(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> Pat
         with handle:
             for row in rows:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.chmod(handle.name, 0o666 & ~_umask())
+        os.chmod(handle.name, default_file_mode())
         os.replace(handle.name, path)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
         raise
     return path
 
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current

@@ -285,7 +285,7 @@ def test_random_init_redraws_weights(arch):
 
 @pytest.mark.parametrize("return_logits", [True, False])
 def test_training_forward_saves_no_full_logits(return_logits):
-    # What backward keeps: with return_logits=False (the trainer's call) no saved tensor holds the
+    # What backward keeps: with return_logits=False (the trainer's call) no saved tensor contains the
     # logits of more than one chunk; with the full logits returned, the next-token loss keeps them.
     config = CAFTConfig(num_aux_heads=2, loss_chunk_size=4)
     caft_model = add_auxiliary_heads(make_tiny_model("llama"), config)

@@ -165,8 +165,10 @@ def test_bootstrap_of_a_constant_shift_is_exact():
     control = rng.random((5, 40))
     result = paired_bootstrap(control + 0.1, control, samples=500)
     assert result.mean == pytest.approx(0.1)
-    assert result.low == pytest.approx(0.1) and result.high == pytest.approx(0.1)
-    assert result.significant and result.resampled == "seeds and rows"
+    assert result.low == pytest.approx(0.1)
+    assert result.high == pytest.approx(0.1)
+    assert result.significant
+    assert result.resampled == "seeds and rows"
 
 
 def test_bootstrap_of_identical_methods_is_not_significant():
@@ -174,7 +176,8 @@ def test_bootstrap_of_identical_methods_is_not_significant():
     # Two methods with the same distribution: the interval must contain 0.
     treatment, control = rng.random((5, 300)), rng.random((5, 300))
     result = paired_bootstrap(treatment, control, samples=1000)
-    assert result.low < 0 < result.high and not result.significant
+    assert result.low < 0 < result.high
+    assert not result.significant
 
 
 def test_bootstrap_interval_matches_the_normal_approximation():
@@ -193,7 +196,7 @@ def test_bootstrap_rejects_unpaired_shapes():
         paired_bootstrap(np.zeros((2, 3)), np.zeros((3, 3)))
 
 
-def test_raw_file_of_another_task_without_ids_is_named(assets):
+def test_wrong_raw_file_names_fields(assets):
     with pytest.raises(TaskError, match=r"test.jsonl: row 1 has no 'instruction', 'reference' field.*cfp-gen file"):
         load_references(get_task("cfp-gen"), assets / "data/math/gsm8k/test.jsonl")
 
@@ -234,7 +237,8 @@ def test_output_folder_is_rejected_before_writing(assets, tmp_path, capsys):
                    "--output", str(folder)])
     assert status == 2
     assert "is a folder" in capsys.readouterr().err
-    assert list(folder.iterdir()) == [] and not list(tmp_path.glob(".*.tmp"))
+    assert list(folder.iterdir()) == []
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_eval_with_missing_model_is_one_line(assets, tmp_path, capsys):

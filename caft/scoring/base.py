@@ -5,8 +5,8 @@ one result per sample, so that `caft compare` can bootstrap over test rows.
 
 Inputs, shared by every scorer:
 - `references`: the task's test rows, as read from its data file, each with an added `"id"` (str).
-- `completions`: aligned with `references`; for each row a list of one or more generated strings
-  (more than one when sampling n answers per prompt, as pass@k needs).
+- `completions`: aligned with `references`, one list of generated strings per row. A list has more
+  than one string when n samples are drawn per prompt, as pass@k needs.
 - `train_references` (optional): training rows of the same task, for novelty metrics.
 
 Example:

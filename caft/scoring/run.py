@@ -141,7 +141,7 @@ def score_file(
 
 
 def result_json(task_name: str, result: ScoreResult, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The output object of `caft score`: one key per metric, then the task, extras and the samples."""
+    """Build the output object of `caft score`: one key per metric, then the task, extras and the samples."""
     return {
         **result.metrics,
         "task": task_name,
